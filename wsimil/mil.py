@@ -1,0 +1,205 @@
+"""MIL poolings of Ilse, Tomczak and Welling (ICML 2018), behind one interface and one factory.
+
+Every model maps bags ``x`` of shape (B, N, D) with a padding mask (B, N) (True = real
+instance) to a :class:`MILOutput`: bag logits (B,) and, per instance, attention weights or
+instance scores (B, N). ``theta(X) = g(sigma(f(x_1), ..., f(x_K)))`` with
+
+- ``f``: instance transform (a small MLP by default, any ``nn.Module`` mapping (..., D) to
+  (..., hidden_dim));
+- ``sigma``: the pooling (max, mean, attention, gated attention);
+- ``g``: a linear classifier giving one logit.
+
+Names: ``instance_max``, ``instance_mean``, ``embedding_max``, ``embedding_mean``,
+``attention``, ``gated_attention``. Use :func:`create_mil`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+_REGISTRY: dict[str, Callable[..., MILModel]] = {}
+
+
+@dataclass
+class MILOutput:
+    """Output of a MIL model.
+
+    Attributes
+    ----------
+    logits : Tensor, shape (B,)
+        Bag logit (probability = sigmoid).
+    attention : Tensor, shape (B, N), optional
+        Attention weights (attention poolings): non-negative, sum to 1 over each bag's real
+        instances, exactly 0 on padding.
+    instance_scores : Tensor, shape (B, N), optional
+        Instance probabilities (instance-level poolings); 0 on padding.
+    """
+
+    logits: torch.Tensor
+    attention: torch.Tensor | None = None
+    instance_scores: torch.Tensor | None = None
+
+
+def register_mil(name: str):
+    """Decorator registering a model class under ``name``."""
+
+    def deco(cls):
+        _REGISTRY[name] = cls
+        cls.registry_name = name
+        return cls
+
+    return deco
+
+
+def list_mil_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_mil(name: str, in_dim: int, **kwargs) -> MILModel:
+    """Build a MIL model by name.
+
+    Parameters
+    ----------
+    name : str
+        One of :func:`list_mil_models`.
+    in_dim : int
+        Instance feature dimension D.
+    **kwargs
+        ``hidden_dim``, ``attention_dim``, ``dropout``, ``instance_encoder``.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown MIL model {name!r}; choose one of {', '.join(list_mil_models())}")
+    return _REGISTRY[name](in_dim, **kwargs)
+
+
+def check_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Validate shapes and return a bool mask (B, N); refuse empty bags."""
+    if x.dim() != 3:
+        raise ValueError(f"bags must have shape (B, N, D), got {tuple(x.shape)}")
+    if mask is None:
+        mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+    mask = mask.to(torch.bool)
+    if mask.shape != x.shape[:2]:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match bags {tuple(x.shape[:2])}")
+    if x.shape[1] == 0 or not bool(mask.any(dim=1).all()):
+        raise ValueError("empty bag: every bag needs at least one instance (slides with 0 tiles are skipped upstream)")
+    return mask
+
+
+class MILModel(nn.Module):
+    """Shared parts: instance transform ``f`` and classifier ``g``."""
+
+    registry_name = "base"
+
+    def __init__(
+        self,
+        in_dim: int,
+        *,
+        hidden_dim: int = 256,
+        attention_dim: int = 128,
+        dropout: float = 0.25,
+        instance_encoder: nn.Module | None = None,
+    ):
+        super().__init__()
+        self.in_dim = in_dim
+        self.hidden_dim = hidden_dim
+        self.attention_dim = attention_dim
+        self.f = instance_encoder or nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout))
+        self.g = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden_dim, 1))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
+        raise NotImplementedError
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax over dim 1 in float32; padded positions get exactly 0."""
+    s = scores.float().masked_fill(~mask, float("-inf"))
+    return torch.softmax(s, dim=1).masked_fill(~mask, 0.0)
+
+
+def _logit(p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    p = p.clamp(eps, 1 - eps)
+    return torch.log(p) - torch.log1p(-p)
+
+
+@register_mil("instance_max")
+class InstanceMax(MILModel):
+    """mi-Net: an instance classifier, bag score = max of instance scores."""
+
+    def forward(self, x, mask=None):
+        mask = check_mask(x, mask)
+        s = self.g(self.f(x)).squeeze(-1).float()  # (B, N) instance logits
+        logits = s.masked_fill(~mask, float("-inf")).amax(dim=1)
+        return MILOutput(logits=logits, instance_scores=torch.sigmoid(s).masked_fill(~mask, 0.0))
+
+
+@register_mil("instance_mean")
+class InstanceMean(MILModel):
+    """mi-Net: an instance classifier, bag score = mean of instance scores."""
+
+    def forward(self, x, mask=None):
+        mask = check_mask(x, mask)
+        s = self.g(self.f(x)).squeeze(-1).float()
+        p = torch.sigmoid(s).masked_fill(~mask, 0.0)
+        bag_p = p.sum(dim=1) / mask.sum(dim=1)
+        return MILOutput(logits=_logit(bag_p), instance_scores=p)
+
+
+@register_mil("embedding_max")
+class EmbeddingMax(MILModel):
+    """MI-Net: max pooling of instance embeddings, then the classifier."""
+
+    def forward(self, x, mask=None):
+        mask = check_mask(x, mask)
+        h = self.f(x).float().masked_fill(~mask[..., None], float("-inf"))
+        z = h.amax(dim=1)
+        return MILOutput(logits=self.g(z).squeeze(-1))
+
+
+@register_mil("embedding_mean")
+class EmbeddingMean(MILModel):
+    """MI-Net: mean pooling of instance embeddings, then the classifier."""
+
+    def forward(self, x, mask=None):
+        mask = check_mask(x, mask)
+        h = self.f(x).float().masked_fill(~mask[..., None], 0.0)
+        z = h.sum(dim=1) / mask.sum(dim=1, keepdim=True)
+        return MILOutput(logits=self.g(z).squeeze(-1))
+
+
+@register_mil("attention")
+class AttentionMIL(MILModel):
+    """Attention pooling: ``a_k = softmax_k(w^T tanh(V h_k))``, ``z = sum_k a_k h_k``."""
+
+    gated = False
+
+    def __init__(self, in_dim, **kwargs):
+        super().__init__(in_dim, **kwargs)
+        self.V = nn.Linear(self.hidden_dim, self.attention_dim)
+        self.U = nn.Linear(self.hidden_dim, self.attention_dim) if self.gated else None
+        self.w = nn.Linear(self.attention_dim, 1)
+
+    def attention_scores(self, h: torch.Tensor) -> torch.Tensor:
+        """Unnormalised scores ``w^T (tanh(V h) [* sigm(U h)])``, shape (B, N)."""
+        a = torch.tanh(self.V(h))
+        if self.U is not None:
+            a = a * torch.sigmoid(self.U(h))
+        return self.w(a).squeeze(-1)
+
+    def forward(self, x, mask=None):
+        mask = check_mask(x, mask)
+        h = self.f(x)
+        a = masked_softmax(self.attention_scores(h), mask)  # float32
+        z = torch.bmm(a.unsqueeze(1), h.float()).squeeze(1)  # (B, hidden) in float32
+        return MILOutput(logits=self.g(z).squeeze(-1).float(), attention=a)
+
+
+@register_mil("gated_attention")
+class GatedAttentionMIL(AttentionMIL):
+    """Gated attention: ``a_k = softmax_k(w^T (tanh(V h_k) * sigm(U h_k)))``."""
+
+    gated = True
