@@ -106,7 +106,8 @@ def _add_colour_bar(img: np.ndarray, lut: np.ndarray, *, title: str) -> np.ndarr
     bar_w, pad = 90, 12
     canvas = np.full((h, w + bar_w, 3), 255, np.uint8)
     canvas[:, :w] = img
-    top, bottom = 40, max(60, h - 40)
+    top = min(40, h // 5)
+    bottom = max(top + 1, h - top)
     ramp = lut[np.linspace(255, 0, bottom - top).astype(int)].astype(np.uint8)
     canvas[top:bottom, w + pad : w + pad + 20] = ramp[:, None, :]
     im = Image.fromarray(canvas)

@@ -202,7 +202,7 @@ def fit(train: list[Bag], val: list[Bag], cfg: TrainConfig, *, console=None) -> 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += float(loss)
+            total += float(loss.detach())
         probs, _ = predict_bags(model, xs_val)
         val_loss = float(eval_loss_fn(torch.logit(torch.tensor(probs).clamp(1e-6, 1 - 1e-6)), torch.tensor(y_val)))
         history.append({"epoch": epoch, "train_loss": total / len(xs_train), "val_loss": val_loss, "seconds": time.perf_counter() - t0})

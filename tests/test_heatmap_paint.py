@@ -1,0 +1,38 @@
+"""Heatmap arithmetic: min-max rescaling, ranks, painting tiles onto a thumbnail."""
+
+import numpy as np
+
+from wsimil.heatmap import minmax, paint_tiles, percentile_rank, render_overlay
+
+
+def test_minmax_rescales_per_slide():
+    np.testing.assert_allclose(minmax(np.array([0.1, 0.3, 0.2])), [0.0, 1.0, 0.5], atol=1e-6)
+    assert (minmax(np.array([0.5, 0.5])) == 0).all()
+
+
+def test_percentile_rank_orders_tiles():
+    r = percentile_rank(np.array([0.2, 0.9, 0.1, 0.5]))
+    np.testing.assert_allclose(r, [1 / 3, 1.0, 0.0, 2 / 3], atol=1e-6)
+
+
+def test_paint_tiles_places_and_averages_overlapping_tiles():
+    coords = np.array([[0, 0], [100, 0], [50, 0]])
+    values = np.array([1.0, 0.0, 0.5])
+    mean, covered = paint_tiles(values, coords, tile_px_level0=100, downsample=10, shape=(20, 30))
+    assert covered[:10, :20].all() and not covered[10:].any() and not covered[:, 20:].any()
+    np.testing.assert_allclose(mean[5, 0:5], 1.0)  # only tile 0
+    np.testing.assert_allclose(mean[5, 5:10], 0.75)  # tiles 0 and 2
+    np.testing.assert_allclose(mean[5, 10:15], 0.25)  # tiles 1 and 2
+    np.testing.assert_allclose(mean[5, 15:20], 0.0)  # only tile 1
+
+
+def test_overlay_blends_only_covered_pixels_and_adds_a_colour_bar():
+    thumb = np.full((50, 60, 3), 200, np.uint8)
+    heat = np.zeros((50, 60), np.float32)
+    covered = np.zeros((50, 60), bool)
+    covered[10:20, 10:20] = True
+    heat[10:20, 10:20] = 1.0
+    img = render_overlay(thumb, heat, covered, cmap="turbo", alpha=0.5)
+    assert img.shape[0] == 50 and img.shape[1] > 60
+    assert (img[:10, :60] == 200).all()
+    assert not (img[15, 15] == 200).all()
