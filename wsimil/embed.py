@@ -285,7 +285,7 @@ def run_embed(
         if row["status"] != "skipped":
             log.write(sid, row["status"], row["message"], row["seconds"], n_tiles=row["n_tiles"])
         if row["status"] == "error" and console is not None:
-            console.print(f"[red]error[/red] {sid}: {row['message']}")
+            console.print(f"[red]error[/red] {row['message']}")
     return pd.DataFrame(list(rows.values()))
 
 

@@ -224,7 +224,7 @@ def run_heatmap(
             row["seconds"] = round(time.perf_counter() - t0, 3)
             log.write(sid, row["status"], row["message"], row["seconds"])
             if row["status"] == "error" and console is not None:
-                console.print(f"[red]error[/red] {sid}: {row['message']}")
+                console.print(f"[red]error[/red] {row['message']}")
             rows.append(row)
             advance()
     df = pd.DataFrame(rows)

@@ -96,12 +96,16 @@ def split_bags(bags: list[Bag], *, test_fraction: float, val_fraction: float, se
     glabel = {g: 0 for g in groups}
     for b in bags:
         glabel[b.group] = max(glabel[b.group], b.label)
-    y = [glabel[g] for g in groups]
-    strat = y if min(np.bincount(y, minlength=2)) >= 2 else None
-    g_trainval, g_test = train_test_split(groups, test_size=test_fraction, random_state=seed, stratify=strat)
-    y_tv = [glabel[g] for g in g_trainval]
-    strat = y_tv if min(np.bincount(y_tv, minlength=2)) >= 2 else None
-    g_train, g_val = train_test_split(g_trainval, test_size=val_fraction, random_state=seed + 1, stratify=strat)
+
+    def take(pool: list[str], fraction: float, rs: int) -> tuple[list[str], list[str]]:
+        y = [glabel[g] for g in pool]
+        try:  # stratified when every class has enough groups, plain otherwise (tiny cohorts)
+            return train_test_split(pool, test_size=fraction, random_state=rs, stratify=y)
+        except ValueError:
+            return train_test_split(pool, test_size=fraction, random_state=rs)
+
+    g_trainval, g_test = take(groups, test_fraction, seed)
+    g_train, g_val = take(g_trainval, val_fraction, seed + 1)
     where = {**{g: "train" for g in g_train}, **{g: "val" for g in g_val}, **{g: "test" for g in g_test}}
     return {b.bag_id: where[b.group] for b in bags}
 
