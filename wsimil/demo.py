@@ -15,7 +15,7 @@ import pandas as pd
 
 from .config import Config
 
-DEMO_N_SLIDES = 32
+DEMO_N_SLIDES = 24
 DEMO_SIZE_PX = 10_000
 
 

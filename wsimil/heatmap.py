@@ -94,7 +94,9 @@ def render_overlay(thumb: np.ndarray, heat: np.ndarray, covered: np.ndarray, *, 
     lut = (matplotlib.colormaps[cmap](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.float32)
     colour = lut[np.clip((heat * 255).round().astype(np.int64), 0, 255)]
     out = thumb.astype(np.float32)
-    out[covered] = (1 - alpha) * out[covered] + alpha * colour[covered]
+    # Opacity grows with the value, so low-attention tissue stays readable underneath.
+    a = (alpha * (0.25 + 0.75 * np.clip(heat, 0, 1)))[covered][:, None]
+    out[covered] = (1 - a) * out[covered] + a * colour[covered]
     img = np.clip(out + 0.5, 0, 255).astype(np.uint8)
     return _add_colour_bar(img, lut, title=title)
 

@@ -1,0 +1,29 @@
+"""Config files stay in step with the code."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from wsimil.config import Config, load_config
+from wsimil.demo import demo_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_default_yaml_lists_the_code_defaults():
+    assert yaml.safe_load((CONFIGS / "default.yaml").read_text()) == Config().model_dump()
+
+
+def test_demo_yaml_is_the_demo_config():
+    assert load_config(CONFIGS / "demo.yaml") == demo_config()
+
+
+def test_flags_override_the_file_and_unknown_keys_are_refused(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("tile: {tile_px: 128, target_mpp: 1.0}\n")
+    cfg = load_config(f, tile={"tile_px": 512, "target_mpp": None})
+    assert cfg.tile.tile_px == 512 and cfg.tile.target_mpp == 1.0
+    f.write_text("tile: {tile_size: 128}\n")
+    with pytest.raises(ValueError, match="tile_size"):
+        load_config(f)
