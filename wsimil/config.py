@@ -42,6 +42,8 @@ class EmbedConfig(_Section):
     batch_size: int = Field(64, ge=1)
     num_workers: int = Field(2, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    group_reads: bool = Field(True, description="read horizontal neighbour tiles as one region")
+    reader: Literal["auto", "openslide", "tifffile"] = Field("auto", description="tile reader of the workers (auto: tifffile for TIFF pyramids it reads like OpenSlide)")
 
 
 class TrainConfig(_Section):

@@ -276,7 +276,8 @@ def normalise(x_uint8: torch.Tensor, config: EncoderConfig) -> torch.Tensor:
     Returns
     -------
     Tensor
-        (B, 3, H, W) float32, contiguous, on the input's device.
+        (B, 3, H, W) float32 on the input's device, in the input's memory format
+        (channels_last strides for (B, H, W, 3) input).
     """
     if x_uint8.dtype != torch.uint8:
         raise TypeError(f"normalise expects uint8 tiles, got {x_uint8.dtype}")
@@ -294,7 +295,9 @@ def normalise(x_uint8: torch.Tensor, config: EncoderConfig) -> torch.Tensor:
     mean = torch.tensor(config.mean, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
     std = torch.tensor(config.std, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
     scale = 1.0 / (255.0 * std)
-    return (x_uint8.float() * scale - mean / std).contiguous()
+    # In place and in the input's memory format: (B, H, W, 3) input permuted to (B, 3, H, W)
+    # is already channels_last, which the convolutions want; no transposing copy here.
+    return x_uint8.float().mul_(scale).sub_(mean / std)
 
 
 # --------------------------------------------------------------------------------------------

@@ -153,12 +153,18 @@ class Slide:
 
 
 def _rgba_to_rgb_white(arr: np.ndarray) -> np.ndarray:
-    """Composite an (H, W, 4) premultiplied/straight RGBA array over white -> (H, W, 3)."""
-    rgb = arr[..., :3].astype(np.float32)
-    alpha = arr[..., 3:4].astype(np.float32) / 255.0
-    # OpenSlide returns premultiplied ARGB converted to RGBA: colour already scaled by alpha.
-    out = rgb + 255.0 * (1.0 - alpha)
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+    """Composite an (H, W, 4) premultiplied RGBA array over white -> (H, W, 3) uint8.
+
+    OpenSlide returns premultiplied colour, so ``rgb + (255 - alpha)`` is the composite. Opaque
+    pixels (almost all of a slide) take a fast path.
+    """
+    rgb = np.ascontiguousarray(arr[..., :3])
+    alpha = arr[..., 3]
+    if alpha.min() == 255:
+        return rgb
+    clear = alpha < 255
+    rgb[clear] = np.minimum(rgb[clear].astype(np.uint16) + (255 - alpha[clear, None]), 255).astype(np.uint8)
+    return rgb
 
 
 class OpenSlideReader(Slide):
