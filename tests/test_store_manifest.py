@@ -1,12 +1,21 @@
 """Atomic stores, status lines, config hashes and manifest validation."""
 
 import json
+import os
 
 import numpy as np
 import pytest
 
 from wsimil.manifest import ManifestError, read_manifest, shard
-from wsimil.store import StatusLog, atomic_store, config_hash, open_store, store_status, write_array
+from wsimil.store import (
+    StatusLog,
+    atomic_store,
+    config_hash,
+    open_store,
+    remove_stale_temps,
+    store_status,
+    write_array,
+)
 
 
 def test_store_appears_only_when_complete(tmp_path):
@@ -75,3 +84,20 @@ def test_shards_partition_the_manifest(tmp_path):
     assert all(len(p) in (3, 4) for p in parts)
     with pytest.raises(ManifestError):
         shard(df, "3/3")
+
+
+def test_stale_temporary_stores_of_dead_processes_are_removed(tmp_path):
+    import socket
+    import subprocess
+
+    host = socket.gethostname()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f".a.zarr.tmp-{host}-{dead.pid}"
+    live = tmp_path / f".b.zarr.tmp-{host}-{os.getpid()}"
+    other = tmp_path / f".c.zarr.tmp-otherhost-{dead.pid}"
+    done = tmp_path / "d.zarr"
+    for p in (stale, live, other, done):
+        p.mkdir()
+    assert remove_stale_temps(tmp_path) == [stale]
+    assert not stale.exists() and live.exists() and other.exists() and done.exists()

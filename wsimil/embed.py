@@ -19,7 +19,15 @@ import pandas as pd
 from . import __version__
 from .config import EmbedConfig, save_config
 from .slide import SlideError, TiffReader, open_slide
-from .store import PendingStore, StatusLog, config_hash, open_store, store_status, zstd_compressors
+from .store import (
+    PendingStore,
+    StatusLog,
+    config_hash,
+    open_store,
+    remove_stale_temps,
+    store_status,
+    zstd_compressors,
+)
 
 
 @dataclass
@@ -262,6 +270,7 @@ def run_embed(
     feat_dir = out_dir / "features" / encoder_dir_name(cfg.encoder)
     feat_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, feat_dir / "config.yaml")
+    remove_stale_temps(feat_dir)
     log = StatusLog(feat_dir / "status.jsonl")
 
     rows: dict[str, dict] = {}

@@ -64,6 +64,45 @@ class PendingStore:
         shutil.rmtree(self.tmp_path, ignore_errors=True)
 
 
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Remove temporary stores left by killed runs on this host.
+
+    A temporary store is named ``.<name>.tmp-<host>-<pid>``; it is stale when ``<host>`` is this
+    machine and process ``<pid>`` no longer runs. Temporary stores of other hosts (shared file
+    systems) are left alone.
+
+    Returns
+    -------
+    list of Path
+        The removed folders.
+    """
+    folder = Path(folder)
+    host = socket.gethostname()
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        head, sep, tail = p.name.rpartition(".tmp-")
+        if not (sep and head.startswith(".")):
+            continue
+        t_host, _, pid = tail.rpartition("-")
+        if t_host != host or not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextmanager
 def atomic_store(final_path: str | Path) -> Iterator:
     """Yield a new Zarr group that appears at ``final_path`` only if the block completes."""
