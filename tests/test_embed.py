@@ -143,3 +143,17 @@ def test_killed_run_resumes_and_gives_the_same_features(cohort, tmp_path):
         b = open_store(ref / "features" / "efficientnet_lite0" / f"{sid}.zarr")["features"][...]
         np.testing.assert_array_equal(a, b)
     assert not [p for p in feat_dir.iterdir() if ".tmp-" in p.name], "stale temporary stores are cleaned up"
+
+
+def test_devices_run_one_process_each_and_share_the_cohort(cohort, tmp_path):
+    run, df = cohort
+    out = tmp_path / "multi"
+    out.mkdir()
+    os.symlink(run / "tiles", out / "tiles")
+    cmd = [sys.executable, "-m", "wsimil.cli", "embed", str(out), "--manifest", str(run / "manifest.csv"), "--encoder", "efficientnet_lite0", "--num-workers", "0", "--devices", "cpu,cpu"]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    lines = [line for line in (out / "features" / "efficientnet_lite0" / "status.jsonl").read_text().splitlines()]
+    assert len(lines) == len(df)  # every slide embedded exactly once across the two processes
+    for sid in df.slide_id:
+        assert (out / "features" / "efficientnet_lite0" / f"{sid}.zarr").exists()

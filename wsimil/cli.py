@@ -45,6 +45,22 @@ def _load(run_dir: Path, manifest: Path | None, config_file: Path | None, *, req
     return cfg, df
 
 
+def _forward_args(ctx: click.Context, *, drop: set[str]) -> list[str]:
+    """Rebuild a command's arguments from its parsed parameters (to start copies of it)."""
+    argv: list[str] = []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.name in drop or value is None or value is False:
+            continue
+        if isinstance(param, click.Argument):
+            argv.insert(0, str(value))
+        elif param.is_flag:
+            argv.append(param.opts[0])
+        else:
+            argv += [param.opts[0], str(value)]
+    return argv
+
+
 def _summarise(console, df, title: str, columns: list[str]) -> None:
     from rich.table import Table
 
@@ -143,19 +159,28 @@ def tile(run_dir, manifest, config_file, target_mpp, tile_px, overlap_px, tissue
 @click.option("--batch-size", type=int, default=None)
 @click.option("--num-workers", type=int, default=None, help="DataLoader worker processes reading tiles.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None)
+@click.option("--devices", default=None, metavar="0,1,...", help="One process per GPU (or 'cpu' entries), sharing the cohort.")
+@click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=None, help="Autocast dtype [auto: encoder's on CUDA, float32 on CPU].")
+@click.option("--reader", type=click.Choice(["auto", "openslide", "tifffile"]), default=None, help="Tile reader [auto].")
+@click.option("--compile", "compile_", is_flag=True, default=None, help="torch.compile the encoder.")
 @OVERWRITE
 @SHARD
-def embed(run_dir, manifest, config_file, encoder, checkpoint, no_pretrained, batch_size, num_workers, device, overwrite, shard):
+def embed(run_dir, manifest, config_file, encoder, checkpoint, no_pretrained, batch_size, num_workers, device, devices, precision, reader, compile_, overwrite, shard):
     """Embed every slide's tiles with a frozen encoder -> RUN_DIR/features/<encoder>/<slide_id>.zarr."""
-    from .embed import run_embed
+    from .embed import embed_on_devices, run_embed
     from .encoders import MissingWeightsError
     from .manifest import shard as take_shard
 
+    if devices:
+        if shard or device:
+            raise click.UsageError("--devices splits the cohort itself; do not combine it with --shard or --device")
+        argv = _forward_args(click.get_current_context(), drop={"devices", "device", "shard"})
+        sys.exit(embed_on_devices([d.strip() for d in devices.split(",") if d.strip()], argv))
     cfg, df = _load(
         run_dir,
         manifest,
         config_file,
-        embed=dict(encoder=encoder, checkpoint=checkpoint, pretrained=False if no_pretrained else None, batch_size=batch_size, num_workers=num_workers, device=device),
+        embed=dict(encoder=encoder, checkpoint=checkpoint, pretrained=False if no_pretrained else None, batch_size=batch_size, num_workers=num_workers, device=device, precision=precision, reader=reader, compile=compile_),
     )
     console = _console()
     try:

@@ -44,6 +44,8 @@ class EmbedConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     group_reads: bool = Field(True, description="read horizontal neighbour tiles as one region")
     reader: Literal["auto", "openslide", "tifffile"] = Field("auto", description="tile reader of the workers (auto: tifffile for TIFF pyramids it reads like OpenSlide)")
+    precision: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="autocast dtype (auto: the encoder's on CUDA, float32 on CPU)")
+    compile: bool = Field(False, description="torch.compile the encoder")
 
 
 class TrainConfig(_Section):

@@ -233,6 +233,57 @@ def pick_device(name: str) -> str:
     return name
 
 
+def autocast_dtype(precision: str, preferred: str, device: str):
+    """The autocast dtype for ``precision`` (None = plain float32).
+
+    ``auto`` is the encoder's preferred dtype on CUDA (bf16 or fp16) and float32 on the CPU;
+    ``bfloat16`` also works on CPUs that support it. Features are stored as float16 either way.
+    """
+    import torch
+
+    choice = preferred if precision == "auto" and device == "cuda" else precision
+    if choice == "auto" or choice == "float32":
+        return None
+    if device == "cpu" and choice == "float16":
+        raise ValueError("--precision float16 needs CUDA; use bfloat16 or float32 on the CPU")
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}[choice]
+
+
+def embed_on_devices(devices: list[str], argv: list[str]) -> int:
+    """Run one ``wsimil embed`` process per device, each on its own share of the cohort.
+
+    Parameters
+    ----------
+    devices : list of str
+        GPU indices (``"0"``, ``"1"``, ...; each process sees only its GPU through
+        ``CUDA_VISIBLE_DEVICES``) or ``"cpu"`` entries (CPU worker processes).
+    argv : list of str
+        The ``wsimil embed`` arguments without ``--devices``, ``--device`` and ``--shard``.
+
+    Returns
+    -------
+    int
+        0 when every process succeeded, else the first non-zero exit status.
+    """
+    import os
+    import subprocess
+    import sys
+
+    procs = []
+    n = len(devices)
+    for i, dev in enumerate(devices):
+        env = dict(os.environ)
+        if dev == "cpu":
+            device = "cpu"
+        else:
+            env["CUDA_VISIBLE_DEVICES"] = dev
+            device = "cuda"
+        cmd = [sys.executable, "-m", "wsimil.cli", "embed", *argv, "--device", device, "--shard", f"{i}/{n}"]
+        procs.append(subprocess.Popen(cmd, env=env))
+    codes = [p.wait() for p in procs]
+    return next((c for c in codes if c), 0)
+
+
 def embed_settings(encoder_attrs: dict, tiles_hash: str) -> dict:
     """Settings that shape a feature store (hashed into its attrs)."""
     return {"stage": "embed", "encoder": encoder_attrs, "tiles_config_hash": tiles_hash}
@@ -332,7 +383,9 @@ def run_embed(
         # channels_last is faster for convolutions on both CUDA and CPU (about 2x here for
         # efficientnet_lite0 on 2 cores).
         model = encoder.to(device).to(memory_format=torch.channels_last)
-        amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(ecfg.preferred_dtype)
+        if cfg.compile:
+            model = torch.compile(model)
+        amp_dtype = autocast_dtype(cfg.precision, ecfg.preferred_dtype, device)
         pending: dict[int, PendingStore] = {}
         writers: dict[int, RowWriter] = {}
         failed: set[int] = set()
@@ -358,8 +411,8 @@ def run_embed(
                     writers[j] = RowWriter(pending[j].group["features"])
                 x = item["tiles"].to(device, non_blocking=True).permute(0, 3, 1, 2)
                 x = normalise(x, ecfg).contiguous(memory_format=torch.channels_last)
-                if amp_dtype is not None and device == "cuda":
-                    with torch.autocast("cuda", dtype=amp_dtype):
+                if amp_dtype is not None:
+                    with torch.autocast(device, dtype=amp_dtype):
                         f = model(x)
                 else:
                     f = model(x)
