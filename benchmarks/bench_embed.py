@@ -4,7 +4,8 @@
 (b) end to end: ``wsimil.embed.run_embed`` from slide files to features on disk;
 (c) baseline: the common per-tile approach, a DataLoader whose items are single tiles read
     with OpenSlide ``read_region``, converted with Pillow and torchvision transforms
-    (Resize, ToTensor, Normalize), collated into float32 batches.
+    (Resize, ToTensor, Normalize), collated into float32 batches;
+(d), (e) the two loaders alone (no model), where reading is the whole job (``--modes de``).
 
 Each mode runs in its own subprocess (so peak RSS is per mode) with the same encoder, batch
 size, device, worker count and tiles. Prints tiles/s, b/a and b/c, and peak memory.
@@ -98,50 +99,91 @@ def mode_end_to_end(args, run: Path) -> dict:
     return {"tiles": int(res.n_tiles.sum()), "seconds": dt}
 
 
-def mode_baseline(args, run: Path) -> dict:
-    import numpy as np
-    import openslide
+class PerTile:
+    """The common approach: one item = one tile read with OpenSlide, float32 after transforms."""
+
+    def __init__(self, path, coords, level, size, transform):
+        self.path, self.coords, self.level, self.size, self.tf = path, coords, level, size, transform
+        self.wsi = None
+
+    def __len__(self):
+        return len(self.coords)
+
+    def __getitem__(self, i):
+        import openslide
+
+        if self.wsi is None:
+            self.wsi = openslide.OpenSlide(self.path)
+        x, y = self.coords[i]
+        img = self.wsi.read_region((int(x), int(y)), self.level, (self.size, self.size)).convert("RGB")
+        return self.tf(img)
+
+
+def baseline_loaders(args, run: Path, cfg):
+    """Yield (slide_id, DataLoader) of the per-tile baseline for each slide."""
     import torch
     from torchvision import transforms
 
     from wsimil.manifest import read_manifest
     from wsimil.store import open_store
 
+    tf = transforms.Compose([transforms.Resize((cfg.input_px, cfg.input_px)), transforms.ToTensor(), transforms.Normalize(cfg.mean, cfg.std)])
+    for rec in read_manifest(run / "manifest.csv").itertuples():
+        g = open_store(run / "tiles" / f"{rec.slide_id}.zarr")
+        ds = PerTile(rec.path, g["coords"][...], int(g.attrs["read_level"]), int(g.attrs["read_px"]), tf)
+        yield rec.slide_id, torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers, pin_memory=args.device == "cuda")
+
+
+def mode_baseline(args, run: Path) -> dict:
+    import numpy as np
+    import torch
+
     enc = build_encoder(args).to(args.device)
-    cfg = enc.config
-    tf = transforms.Compose(
-        [transforms.Resize((cfg.input_px, cfg.input_px)), transforms.ToTensor(), transforms.Normalize(cfg.mean, cfg.std)]
-    )
-
-    class PerTile(torch.utils.data.Dataset):
-        def __init__(self, path, coords, level, size):
-            self.path, self.coords, self.level, self.size = path, coords, level, size
-            self.wsi = None
-
-        def __len__(self):
-            return len(self.coords)
-
-        def __getitem__(self, i):
-            if self.wsi is None:
-                self.wsi = openslide.OpenSlide(self.path)
-            x, y = self.coords[i]
-            img = self.wsi.read_region((int(x), int(y)), self.level, (self.size, self.size)).convert("RGB")
-            return tf(img)
-
-    df = read_manifest(run / "manifest.csv")
     total, t0 = 0, time.perf_counter()
     with torch.inference_mode():
-        for rec in df.itertuples():
-            g = open_store(run / "tiles" / f"{rec.slide_id}.zarr")
-            ds = PerTile(rec.path, g["coords"][...], int(g.attrs["read_level"]), int(g.attrs["read_px"]))
-            dl = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers, pin_memory=args.device == "cuda")
+        for sid, dl in baseline_loaders(args, run, enc.config):
             feats = [enc(b.to(args.device, non_blocking=True)).cpu().numpy() for b in dl]
-            np.save(Path(args.cache) / f"baseline_{rec.slide_id}.npy", np.concatenate(feats).astype(np.float16))
-            total += len(ds)
+            np.save(Path(args.cache) / f"baseline_{sid}.npy", np.concatenate(feats).astype(np.float16))
+            total += len(dl.dataset)
     return {"tiles": total, "seconds": time.perf_counter() - t0}
 
 
-MODES = {"a": mode_model, "b": mode_end_to_end, "c": mode_baseline}
+def mode_loader_only(args, run: Path) -> dict:
+    """wsimil's tile loader alone (reading is the whole job): batches are read and dropped."""
+    import torch
+
+    from wsimil.embed import SlideJob, TileBatches, can_group_reads, pick_reader
+    from wsimil.encoders import create_encoder
+    from wsimil.manifest import read_manifest
+    from wsimil.store import open_store
+
+    cfg = create_encoder(args.encoder, pretrained=not args.no_pretrained).config
+    jobs = []
+    for rec in read_manifest(run / "manifest.csv").itertuples():
+        g = open_store(run / "tiles" / f"{rec.slide_id}.zarr")
+        a = dict(g.attrs)
+        jobs.append(SlideJob(rec.slide_id, rec.path, None, g["coords"][...], a["read_level"], a["read_px"], a, a["stride_px_level0"], can_group_reads(a), pick_reader(rec.path, "auto")))
+    ds = TileBatches(jobs, batch_size=args.batch_size, input_px=cfg.input_px, interpolation=cfg.interpolation)
+    dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=args.workers, prefetch_factor=4 if args.workers else None)
+    total, t0 = 0, time.perf_counter()
+    for item in dl:
+        total += len(item["tiles"])
+    return {"tiles": total, "seconds": time.perf_counter() - t0}
+
+
+def mode_baseline_loader_only(args, run: Path) -> dict:
+    """The per-tile baseline's loader alone."""
+    from wsimil.encoders import create_encoder
+
+    cfg = create_encoder(args.encoder, pretrained=not args.no_pretrained).config
+    total, t0 = 0, time.perf_counter()
+    for _, dl in baseline_loaders(args, run, cfg):
+        for b in dl:
+            total += len(b)
+    return {"tiles": total, "seconds": time.perf_counter() - t0}
+
+
+MODES = {"a": mode_model, "b": mode_end_to_end, "c": mode_baseline, "d": mode_loader_only, "e": mode_baseline_loader_only}
 
 
 def main(argv=None) -> None:
@@ -176,7 +218,7 @@ def main(argv=None) -> None:
         if out.returncode:
             sys.exit(f"mode {m} failed:\n{out.stderr}")
         results[m] = json.loads(out.stdout.strip().splitlines()[-1])
-    names = {"a": "model only", "b": "end to end (wsimil)", "c": "per-tile baseline"}
+    names = {"a": "model only", "b": "end to end (wsimil)", "c": "per-tile baseline", "d": "loader only (wsimil)", "e": "loader only (baseline)"}
     print(f"encoder {args.encoder}, batch {args.batch_size}, device {args.device}, workers {args.workers}, threads {args.threads}, "
           f"{args.n_slides} slides of {args.size_px} px, tiles {args.tile_px} px at {args.target_mpp} µm/px")
     for m, r in results.items():
@@ -186,6 +228,8 @@ def main(argv=None) -> None:
         print(f"  b/a = {results['b']['tiles_per_s'] / results['a']['tiles_per_s']:.2f}")
     if "b" in results and "c" in results:
         print(f"  b/c = {results['b']['tiles_per_s'] / results['c']['tiles_per_s']:.2f}")
+    if "d" in results and "e" in results:
+        print(f"  d/e = {results['d']['tiles_per_s'] / results['e']['tiles_per_s']:.2f}  (reading is the whole job)")
 
 
 if __name__ == "__main__":
