@@ -228,17 +228,29 @@ def train(run_dir, manifest, config_file, encoder, model, name, epochs, seed, la
 @click.option("--cmap", default=None, help="Matplotlib colormap [turbo].")
 @click.option("--alpha", type=float, default=None, help="Overlay opacity [0.5].")
 @click.option("--thumbnail-px", type=int, default=None, help="Long side of the overlay [2048].")
-def heatmap(run_dir, manifest, config_file, model_name, cmap, alpha, thumbnail_px):
-    """Slide predictions and attention overlays -> RUN_DIR/heatmaps/<model>/."""
+@click.option("--smooth-tiles", type=float, default=None, help="Gaussian smoothing of the overlay, sigma in tiles [0 = none].")
+@click.option("--top-k", type=int, default=None, help="Highest-attention tiles saved as crops [8].")
+@click.option("--geojson/--no-geojson", default=None, help="QuPath GeoJSON of tile objects with measurements [on].")
+@click.option("--tiff/--no-tiff", "pyramid_tiff", default=None, help="Pyramidal heatmap TIFF with the slide's geometry [on].")
+@click.option("--review-page/--no-review-page", default=None, help="Static index.html + per-slide pages [on].")
+def heatmap(run_dir, manifest, config_file, model_name, cmap, alpha, thumbnail_px, smooth_tiles, top_k, geojson, pyramid_tiff, review_page):
+    """Slide predictions, attention overlays and review exports -> RUN_DIR/heatmaps/<model>/.
+
+    Per slide: <id>.csv (tile scores), <id>.png (overlay), <id>.geojson (QuPath),
+    <id>.heatmap.tiff (pyramid), <id>_top/ (top tiles); index.html opens the review page.
+    """
     from .heatmap import run_heatmap
 
-    cfg, df = _load(run_dir, manifest, config_file, heatmap=dict(cmap=cmap, alpha=alpha, thumbnail_px=thumbnail_px))
+    overrides = dict(cmap=cmap, alpha=alpha, thumbnail_px=thumbnail_px, smooth_tiles=smooth_tiles, top_k=top_k, geojson=geojson, pyramid_tiff=pyramid_tiff, review_page=review_page)
+    cfg, df = _load(run_dir, manifest, config_file, heatmap=overrides)
     console = _console()
     try:
         result = run_heatmap(df, run_dir, cfg.heatmap, model_name=model_name or cfg.train.name, console=console)
     except FileNotFoundError as exc:
         raise click.ClickException(str(exc).splitlines()[0]) from exc
     _summarise(console, result, "heatmap", [])
+    if cfg.heatmap.review_page:
+        console.print(f"review page: {Path(run_dir) / 'heatmaps' / (model_name or cfg.train.name) / 'index.html'}")
     _exit_for(result)
 
 

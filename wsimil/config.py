@@ -69,6 +69,13 @@ class HeatmapConfig(_Section):
     cmap: str = "turbo"
     alpha: float = Field(0.5, ge=0, le=1)
     thumbnail_px: int = Field(2048, ge=64)
+    smooth_tiles: float = Field(0.0, ge=0)  # Gaussian sigma of the overlay, in tiles (0 = none)
+    tissue_outline: bool = True
+    top_k: int = Field(8, ge=0)  # highest-attention tiles saved as crops
+    crop_px: int = Field(256, ge=16)
+    geojson: bool = True  # QuPath tile objects with measurements
+    pyramid_tiff: bool = True  # pyramidal heatmap TIFF with the slide's geometry
+    review_page: bool = True  # static index.html + one page per slide
 
 
 class Config(_Section):

@@ -155,6 +155,7 @@ def run_demo(out_dir: str | Path, *, n_slides: int | None = None, size_px: int |
     say("  seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) + f", total {total:.0f}")
     say(f"  model: {res['model_dir']}")
     say(f"  heatmaps: {out_dir / 'heatmaps' / cfg.train.name}/<slide_id>.png")
+    say(f"  review page: {out_dir / 'heatmaps' / cfg.train.name / 'index.html'}")
     if failed:
         say(f"[red]{failed} slide-stage(s) failed; see the status.jsonl files[/red]")
     result = {"slide_auc": res["auc"], "localisation": loc_test, "localisation_all": loc_all, "seconds": times, "total_seconds": total, "failed": failed}

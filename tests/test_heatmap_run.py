@@ -1,0 +1,130 @@
+"""``run_heatmap`` on a small real cohort: every output per slide, and bad input per slide.
+
+Slides, tiling and training are real; the features are written by the test following the
+embed stage's store contract (a lesion signal in a few dimensions), so no CNN has to run.
+"""
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from wsimil.config import HeatmapConfig, TileConfig, TrainConfig
+from wsimil.demo import lesion_tile_labels, localisation
+from wsimil.heatmap import run_heatmap
+from wsimil.manifest import read_manifest
+from wsimil.store import open_store, write_array
+from wsimil.synth import load_lesion_mask, make_cohort
+from wsimil.tile import run_tile
+from wsimil.train import run_train
+
+ENC = "toyenc"
+DIM = 16
+
+
+def _write_features(run, sid, *, labels, coords, tile_attrs, rng, encoder=ENC):
+    import zarr
+
+    feats = rng.normal(0, 1, (len(coords), DIM)).astype(np.float32)
+    feats[:, :4] += 3.0 * labels[:, None]
+    path = run / "features" / ENC / f"{sid}.zarr"
+    g = zarr.open_group(str(path), mode="w", zarr_format=3)
+    write_array(g, "features", feats.astype(np.float16))
+    write_array(g, "coords", coords.astype(np.int32))
+    g.attrs.update({"encoder": {"name": encoder, "feature_dim": DIM}, "tiles": tile_attrs})
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    run = tmp_path_factory.mktemp("hmrun")
+    manifest_path = make_cohort(run, n_slides=10, width_px=1536, height_px=1536, mpp=0.5, seed=3)
+    manifest = read_manifest(manifest_path, require_label=True)
+    run_tile(manifest, run, TileConfig(target_mpp=1.0, tile_px=32, tissue_threshold=0.5, qc_px=128))
+    rng = np.random.default_rng(0)
+    lesions = {}
+    for rec in manifest.itertuples(index=False):
+        tg = open_store(run / "tiles" / f"{rec.slide_id}.zarr")
+        ta = dict(tg.attrs)
+        coords = np.asarray(tg["coords"][...])
+        mask, ds = load_lesion_mask(rec.lesion_mask, slide_width_px=ta["width_px"])
+        y = lesion_tile_labels(coords, tile_px_level0=ta["tile_px_level0"], mask=mask, mask_downsample=ds)
+        lesions[rec.slide_id] = y
+        _write_features(run, rec.slide_id, labels=y, coords=coords, tile_attrs=ta, rng=rng)
+    run_train(manifest, run, TrainConfig(epochs=25, patience=25, lr=1e-3, hidden_dim=32, attention_dim=16, dropout=0.0, seed=0), encoder=ENC)
+    run_train(manifest, run, TrainConfig(name="inst", model="instance_max", epochs=5, hidden_dim=16, dropout=0.0, seed=0), encoder=ENC)
+    return run, manifest, lesions
+
+
+def test_every_output_for_every_slide_and_attention_finds_the_lesions(cohort):
+    run, manifest, lesions = cohort
+    cfg = HeatmapConfig(thumbnail_px=256, top_k=3, crop_px=32, smooth_tiles=0.5)
+    res = run_heatmap(manifest, run, cfg, model_name="gated_attention")
+    assert (res.status == "ok").all(), res.message.tolist()
+    hm = run / "heatmaps" / "gated_attention"
+    for sid in manifest.slide_id:
+        t = pd.read_csv(hm / f"{sid}.csv")
+        assert {"x", "y", "attention", "attention_scaled", "rank", "instance_score"} <= set(t.columns)
+        assert len(t) == len(lesions[sid])
+        assert t.attention.sum() == pytest.approx(1.0, abs=1e-3)
+        for suffix in (".png", ".thumb.jpg", ".geojson", ".heatmap.tiff", ".html"):
+            assert (hm / f"{sid}{suffix}").stat().st_size > 0
+        assert len(list((hm / f"{sid}_top").glob("*.jpg"))) == 3
+        assert len(json.loads((hm / f"{sid}.geojson").read_text())["features"]) == len(t)
+    index = (hm / "index.html").read_text()
+    assert all(f'href="{sid}.html"' in index for sid in manifest.slide_id)
+    pred = pd.read_csv(hm / "predictions.csv")
+    assert sorted(pred.slide_id) == sorted(manifest.slide_id)
+    pos = manifest[manifest.label == 1].slide_id.tolist()
+    loc = localisation(run, manifest, "gated_attention", pos)
+    assert loc["n_slides"] >= 3 and loc["auc_mean"] > 0.8, loc
+
+
+def test_bad_input_fails_per_slide_with_a_clear_message_and_the_rest_goes_on(cohort, tmp_path):
+    src, manifest, _ = cohort
+    run = tmp_path / "run"  # a copy, so the other tests keep an intact run
+    shutil.copytree(src / "features", run / "features")
+    shutil.copytree(src / "models", run / "models")
+    ids = manifest.slide_id.tolist()
+    missing, other_enc, moved = ids[0], ids[1], ids[2]
+    feat = run / "features" / ENC
+    shutil.rmtree(feat / f"{missing}.zarr")
+    g = open_store(feat / f"{other_enc}.zarr")
+    import zarr
+
+    zarr.open_group(str(feat / f"{other_enc}.zarr"), mode="r+").attrs["encoder"] = {**dict(g.attrs)["encoder"], "name": "resnet50"}
+    bad = manifest.copy()
+    bad.loc[bad.slide_id == moved, "path"] = str(tmp_path / "gone" / "slide.tiff")
+
+    res = run_heatmap(bad, run, HeatmapConfig(thumbnail_px=128, top_k=1, crop_px=32, pyramid_tiff=False), model_name="gated_attention").set_index("slide_id")
+    assert res.loc[missing, "status"] == "error" and "no features" in res.loc[missing, "message"] and "wsimil embed" in res.loc[missing, "message"]
+    assert res.loc[other_enc, "status"] == "error" and "resnet50" in res.loc[other_enc, "message"] and ENC in res.loc[other_enc, "message"]
+    assert res.loc[moved, "status"] == "error" and "file not found" in res.loc[moved, "message"] and "gone" in res.loc[moved, "message"]
+    for sid in (missing, other_enc, moved):
+        assert "\n" not in res.loc[sid, "message"]
+    assert (res.drop(index=[missing, other_enc, moved]).status == "ok").all()
+    hm = run / "heatmaps" / "gated_attention"
+    status = [json.loads(line) for line in (hm / "status.jsonl").read_text().splitlines()]
+    assert {d["slide_id"] for d in status if d["status"] == "error"} >= {missing, other_enc, moved}
+    index = (hm / "index.html").read_text()
+    assert "no features" in index and "resnet50" in index  # failures are shown on the page too
+    pred = pd.read_csv(hm / "predictions.csv")
+    assert set(pred.slide_id) == set(ids) - {missing, other_enc, moved}
+
+    with pytest.raises(FileNotFoundError, match="no trained model 'nope'"):
+        run_heatmap(manifest, run, HeatmapConfig(), model_name="nope")
+
+
+def test_instance_models_export_instance_scores(cohort):
+    run, manifest, _ = cohort
+    sub = manifest.head(2)
+    res = run_heatmap(sub, run, HeatmapConfig(thumbnail_px=128, top_k=0, pyramid_tiff=False, review_page=False), model_name="inst")
+    assert (res.status == "ok").all(), res.message.tolist()
+    hm = run / "heatmaps" / "inst"
+    sid = sub.slide_id.iloc[0]
+    t = pd.read_csv(hm / f"{sid}.csv")
+    assert t.instance_score.between(0, 1).all() and t.instance_score.notna().all()
+    feat = json.loads((hm / f"{sid}.geojson").read_text())["features"][0]
+    assert feat["properties"]["measurements"]["instance_score"] == pytest.approx(t.instance_score[0], abs=1e-5)
+    assert not (hm / "index.html").exists() and not list(hm.glob("*_top"))

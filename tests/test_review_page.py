@@ -1,0 +1,135 @@
+"""The static review page: offline, every slide listed by probability, loads in a real Chromium."""
+
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from wsimil.review import write_review_pages
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (.ci/run installs Debian's chromium)")
+
+
+class _Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.refs = []
+
+    def handle_starttag(self, tag, attrs):
+        for k, v in attrs:
+            if k in ("src", "href") and v:
+                self.refs.append(v)
+
+
+@pytest.fixture()
+def review(tmp_path):
+    rng = np.random.default_rng(0)
+    rows, pages = [], {}
+    for i, (prob, label) in enumerate([(0.2, 0), (0.95, 1), (0.7, 0), (0.55, 1)]):
+        sid = f"slide {i}&x"  # spaces and '&' must be escaped / quoted
+        thumb = rng.integers(150, 255, (60, 80, 3), dtype=np.uint8)
+        Image.fromarray(thumb).save(tmp_path / f"{sid}.thumb.jpg")
+        over = thumb.copy()
+        over[20:40, 20:40] = (200, 30, 30)
+        Image.fromarray(over).save(tmp_path / f"{sid}.png")
+        (tmp_path / f"{sid}.csv").write_text("x,y,attention\n0,0,1\n")
+        (tmp_path / f"{sid}_top").mkdir()
+        Image.fromarray(thumb[:32, :32]).save(tmp_path / f"{sid}_top" / "top01_x0_y0.jpg")
+        pages[sid] = {
+            "overlay": f"{sid}.png",
+            "thumbnail": f"{sid}.thumb.jpg",
+            "geojson": None,
+            "tiff": None,
+            "n_tiles": 10 + i,
+            "top": [{"file": "top01_x0_y0.jpg", "rank": 1, "x": 0, "y": 0, "attention": 0.3, "attention_scaled": 1.0}],
+        }
+        rows.append({"slide_id": sid, "status": "ok", "probability": prob, "prediction": int(prob >= 0.5), "label": label, "message": ""})
+    rows.append({"slide_id": "broken", "status": "error", "probability": np.nan, "prediction": -1, "label": 1, "message": "broken: no features at x; run `wsimil embed` first"})
+    pd.DataFrame(rows[:4]).to_csv(tmp_path / "predictions.csv", index=False)
+    index = write_review_pages(tmp_path, pd.DataFrame(rows), pages, model_name="m")
+    return tmp_path, index, pd.DataFrame(rows)
+
+
+def test_pages_are_offline_and_every_link_is_a_local_file(review):
+    from urllib.parse import unquote
+
+    folder, index, rows = review
+    pages = [index] + [folder / f"{sid}.html" for sid in rows.slide_id[rows.status == "ok"]]
+    for page in pages:
+        text = page.read_text()
+        assert "http://" not in text and "https://" not in text and "@import" not in text and "<script" not in text
+        p = _Links()
+        p.feed(text)
+        assert p.refs
+        for ref in p.refs:
+            if ref.startswith("data:"):
+                continue
+            assert (folder / unquote(ref)).exists(), (page.name, ref)
+
+
+def test_index_sorts_by_probability_and_shows_correctness_and_failures(review):
+    folder, index, rows = review
+    text = index.read_text()
+    order = [m for m in re.findall(r'<tr class="slide[^"]*" id="row-([^"]+)"', text)]
+    assert order == ["slide 1&amp;x", "slide 2&amp;x", "slide 3&amp;x", "slide 0&amp;x", "broken"]
+    assert text.count(">correct<") == 3 and text.count(">wrong<") == 1  # slide 2: p=0.7, label 0
+    assert "no features" in text and "3/4 correct" in text
+
+
+def _chromium(args, user_dir):
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        f"--user-data-dir={user_dir}",
+        "--enable-logging=stderr",
+        "--v=0",
+    ]
+    return subprocess.run([CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=120)
+
+
+def _console_lines(stderr):
+    return [line for line in stderr.splitlines() if ":CONSOLE" in line]
+
+
+@needs_chromium
+def test_review_page_loads_in_headless_chromium_without_console_errors(review, tmp_path_factory):
+    folder, index, rows = review
+    ud = tmp_path_factory.mktemp("chromium-profile")
+    # the check can fail: a page with a script error is caught
+    bad = folder / "bad.html"
+    bad.write_text("<!DOCTYPE html><html><body><script>undefinedFn();</script></body></html>")
+    r = _chromium(["--dump-dom", bad.as_uri()], ud)
+    assert any("undefinedFn" in line for line in _console_lines(r.stderr)), r.stderr[-2000:]
+    bad.unlink()
+
+    r = _chromium(["--dump-dom", index.as_uri()], ud)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert _console_lines(r.stderr) == []
+    dom = r.stdout
+    for sid in rows.slide_id:
+        assert f'id="row-{sid.replace("&", "&amp;")}"' in dom
+    assert dom.count('class="pair"') == 2 * 4  # thumbnail + overlay for every scored slide
+    sid = rows.slide_id[1]
+    r = _chromium(["--dump-dom", (folder / f"{sid}.html").as_uri()], ud)
+    assert r.returncode == 0 and _console_lines(r.stderr) == []
+    assert "Top 1 attended tiles" in r.stdout
+
+    shot = tmp_path_factory.mktemp("shot") / "index.png"
+    r = _chromium(["--window-size=1000,800", f"--screenshot={shot}", index.as_uri()], ud)
+    img = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    assert img.shape[:2] == (800, 1000)
+    # the overlay's red square made it to the screen: images were loaded and drawn
+    red = (img[..., 0] > 170) & (img[..., 1] < 70) & (img[..., 2] < 70)
+    assert red.sum() > 50
+    Path(shot).unlink()
