@@ -70,3 +70,60 @@ def test_real_he_slide_mask_covers_tissue_not_background():
     grey = thumb.mean(axis=2)
     assert grey[~m].mean() > 200 and grey[m].mean() < grey[~m].mean() - 30
     assert 20 <= len(res["coords"]) <= res["n_candidates"]
+
+
+def test_mask_areas_are_in_um2_so_settings_work_at_any_scan_resolution():
+    # The same 400 x 400 µm tissue piece and a 60 x 60 µm speck, imaged at 8 and at 16 µm/px.
+    def image(um_per_px):
+        n = int(1600 / um_per_px)
+        img = np.full((n, n, 3), 242, np.uint8)
+        a, b = int(400 / um_per_px), int(800 / um_per_px)
+        img[a:b, a:b] = (210, 130, 185)
+        s = int(60 / um_per_px)
+        img[20 : 20 + s, 20 : 20 + s] = (210, 130, 185)
+        return img
+
+    for um in (8.0, 16.0):
+        m = tissue_mask(image(um), pixel_um=um, min_tissue_um2=10_000, max_hole_um2=0, blur_um=0)
+        area_um2 = m.sum() * um * um
+        assert abs(area_um2 - 400 * 400) < 0.15 * 400 * 400
+        assert not m[: int(300 / um), : int(300 / um)].any()  # the 3,600 µm² speck is gone
+
+
+def test_pen_marks_and_near_black_are_removed_when_asked():
+    from wsimil.tissue import pen_mask
+
+    img = np.full((120, 120, 3), 242, np.uint8)
+    img[10:50, 10:50] = (215, 140, 190)  # eosin pink tissue
+    img[10:50, 60:100] = (120, 70, 160)  # hematoxylin purple tissue
+    img[70:110, 10:40] = (30, 60, 180)  # blue pen
+    img[70:110, 45:75] = (40, 150, 70)  # green pen
+    img[70:110, 80:110] = (25, 25, 30)  # black pen / dark debris
+    pen = pen_mask(img)
+    assert not pen[10:50, 10:100].any()
+    assert pen[72:108, 12:38].all() and pen[72:108, 47:73].all() and pen[72:108, 82:108].all()
+    kw = dict(pixel_um=8.0, min_tissue_um2=0, max_hole_um2=0, blur_um=0)
+    with_pen = tissue_mask(img, **kw)
+    assert with_pen[72:108, 12:38].all()  # saturated blue ink looks like tissue by default
+    clean = tissue_mask(img, remove_pen=True, **kw)
+    assert clean[12:48, 12:48].all() and clean[12:48, 62:98].all()
+    assert not clean[70:110].any()
+
+
+def test_big_level_without_pyramid_is_read_in_bounded_strips(tmp_path):
+    import tifffile
+
+    from wsimil.slide import open_slide
+    from wsimil.tile import low_res_image
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (1000, 1200, 3), dtype=np.uint8)
+    p = tmp_path / "flat.tif"
+    tifffile.imwrite(p, img, photometric="rgb", rowsperstrip=50)
+    with open_slide(p, mpp=0.5) as s:
+        whole = low_res_image(s, (150, 125))
+        strips = low_res_image(s, (150, 125), max_level_px=100_000, max_strip_px=60_000)
+    expect = img.reshape(125, 8, 150, 8, 3).mean(axis=(1, 3))
+    assert strips.shape == whole.shape == (125, 150, 3)
+    assert np.abs(strips.astype(float) - expect).max() <= 1.0
+    assert np.abs(whole.astype(float) - expect).max() <= 1.5

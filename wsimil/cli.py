@@ -135,16 +135,18 @@ def synth(out_dir, n_slides, positive_fraction, size_px, mpp, n_lesions, seed):
 @click.option("--tile-px", type=int, default=None, help="Tile size in pixels at the target mpp [256].")
 @click.option("--overlap-px", type=int, default=None, help="Overlap between tiles at the target mpp [0].")
 @click.option("--tissue-threshold", type=float, default=None, help="Minimum tissue fraction of a kept tile [0.5].")
+@click.option("--remove-pen", is_flag=True, default=None, help="Drop blue, green and black pen marks from the tissue mask.")
+@click.option("--mask", "mask_source", default=None, metavar="DIR|TEMPLATE", help="User masks instead of the computed one: a folder with <slide_id>.geojson/.png/.tif, or a path with {slide_id}.")
 @OVERWRITE
 @SHARD
-def tile(run_dir, manifest, config_file, target_mpp, tile_px, overlap_px, tissue_threshold, overwrite, shard):
+def tile(run_dir, manifest, config_file, target_mpp, tile_px, overlap_px, tissue_threshold, remove_pen, mask_source, overwrite, shard):
     """Tissue-mask each slide and grid it into tiles -> RUN_DIR/tiles/<slide_id>.zarr."""
     from .manifest import shard as take_shard
     from .tile import run_tile
 
-    cfg, df = _load(run_dir, manifest, config_file, tile=dict(target_mpp=target_mpp, tile_px=tile_px, overlap_px=overlap_px, tissue_threshold=tissue_threshold))
+    cfg, df = _load(run_dir, manifest, config_file, tile=dict(target_mpp=target_mpp, tile_px=tile_px, overlap_px=overlap_px, tissue_threshold=tissue_threshold, remove_pen=remove_pen))
     console = _console()
-    result = run_tile(take_shard(df, shard), run_dir, cfg.tile, overwrite=overwrite, console=console)
+    result = run_tile(take_shard(df, shard), run_dir, cfg.tile, overwrite=overwrite, console=console, mask=mask_source)
     _summarise(console, result, "tile", ["n_tiles", "tissue_mm2"])
     _exit_for(result)
 

@@ -32,6 +32,9 @@ class TileConfig(_Section):
     mask_mpp: float = Field(8.0, gt=0, description="µm per pixel of the tissue mask")
     min_tissue_um2: float = Field(20_000.0, ge=0, description="tissue regions smaller than this are dropped")
     max_hole_um2: float = Field(20_000.0, ge=0, description="holes smaller than this are filled")
+    remove_pen: bool = Field(False, description="drop blue, green and black pen marks from the mask")
+    white_level: int = Field(235, ge=0, le=255, description="pixels with every channel above this are glass, not tissue (255: off)")
+    black_level: int = Field(40, ge=0, le=255, description="pixels with every channel below this are not tissue (0: off)")
     qc_px: int = Field(1024, ge=64, description="long side of the QC thumbnail")
 
 

@@ -178,8 +178,7 @@ class OpenSlideReader(Slide):
         self.level_dimensions = tuple(self._osr.level_dimensions)
         self.level_downsamples = tuple(self._osr.level_downsamples)
         props = self._osr.properties
-        mpp = props.get("openslide.mpp-x")
-        self.mpp = float(mpp) if mpp not in (None, "") and float(mpp) > 0 else None
+        self.mpp = _openslide_mpp(props)
         self.vendor = props.get("openslide.vendor", "unknown")
 
     def reader_versions(self) -> str:
@@ -199,6 +198,24 @@ class OpenSlideReader(Slide):
 
     def close(self):
         self._osr.close()
+
+
+def _openslide_mpp(props) -> float | None:
+    """mpp from OpenSlide properties: ``openslide.mpp-x``, else the TIFF resolution tags."""
+    try:
+        mpp = float(props.get("openslide.mpp-x") or 0)
+    except ValueError:
+        mpp = 0.0
+    if mpp > 0:
+        return mpp
+    try:
+        res = float(props.get("tiff.XResolution") or 0)
+    except ValueError:
+        res = 0.0
+    um_per_unit = {"inch": 25_400.0, "centimeter": 10_000.0}.get(props.get("tiff.ResolutionUnit", ""))
+    if res > 1 and um_per_unit:
+        return um_per_unit / res
+    return None
 
 
 class TiffReader(Slide):
@@ -375,7 +392,19 @@ def open_slide(path: str | Path, *, mpp: float | None = None) -> Slide:
             slide = OpenSlideReader(path)
         except (openslide.OpenSlideUnsupportedFormatError, openslide.OpenSlideError) as exc:
             reasons.append(f"OpenSlide: {str(exc) or type(exc).__name__}")
-        if slide is None and (last in TIFF_SUFFIXES or suffix in TIFF_SUFFIXES):
+        is_tiff = last in TIFF_SUFFIXES or suffix in TIFF_SUFFIXES
+        if slide is not None and is_tiff and slide.level_count == 1:
+            # OpenSlide reads an OME pyramid in SubIFDs as one level: prefer tifffile's pyramid.
+            try:
+                alt = TiffReader(path)
+            except Exception:
+                alt = None
+            if alt is not None and alt.level_count > 1:
+                slide.close()
+                slide = alt
+            elif alt is not None:
+                alt.close()
+        if slide is None and is_tiff:
             try:
                 slide = TiffReader(path)
             except Exception as exc:

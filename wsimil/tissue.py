@@ -17,6 +17,9 @@ def tissue_mask(
     blur_um: float = 8.0,
     min_saturation: float = 0.05,
     max_saturation_threshold: float = 0.2,
+    remove_pen: bool = False,
+    white_level: int = 235,
+    black_level: int = 40,
 ) -> np.ndarray:
     """Tissue mask by saturation + Otsu, blur and morphological clean-up.
 
@@ -41,20 +44,27 @@ def tissue_mask(
     ndarray, shape (H, W), bool
     """
     from scipy.ndimage import binary_closing, binary_opening
-    from skimage.color import rgb2hsv
     from skimage.filters import gaussian, threshold_otsu
     from skimage.morphology import disk, remove_small_holes, remove_small_objects
 
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) RGB image, got shape {rgb.shape}")
-    hsv = rgb2hsv(rgb)
-    sat = gaussian(hsv[..., 1], sigma=max(blur_um / pixel_um, 0.0), preserve_range=True)
+    # HSV saturation (max - min) / max, computed directly in float32.
+    hi = rgb.max(axis=2).astype(np.float32)
+    lo = rgb.min(axis=2).astype(np.float32)
+    sat = (hi - lo) / np.maximum(hi, 1.0)
+    sat = gaussian(sat, sigma=max(blur_um / pixel_um, 0.0), preserve_range=True)
     spread = float(sat.max() - sat.min())
     thr = threshold_otsu(sat) if spread > 1e-3 else max_saturation_threshold
     thr = float(np.clip(thr, min_saturation, max_saturation_threshold))
     mask = sat > thr
-    # Very dark areas (black background, heavy pen) are not tissue.
-    mask &= hsv[..., 2] > 0.15
+    # Near-white and near-black areas (glass, black scanner background) are not tissue.
+    if white_level < 255:
+        mask &= rgb.min(axis=2) <= white_level
+    if black_level > 0:
+        mask &= rgb.max(axis=2) >= black_level
+    if remove_pen:
+        mask &= ~pen_mask(rgb)
     mask = binary_closing(mask, structure=disk(1), border_value=0)
     mask = binary_opening(mask, structure=disk(1))
     px_area = pixel_um * pixel_um
@@ -63,3 +73,27 @@ def tissue_mask(
     if max_hole_um2 > 0:
         mask = remove_small_holes(mask, max_size=max(int(max_hole_um2 / px_area), 1))
     return mask
+
+
+def pen_mask(rgb: np.ndarray) -> np.ndarray:
+    """Pixels of blue, green or black marker pen.
+
+    H&E stains are pink to purple: red is never far below blue and green is the lowest
+    channel. Blue pen has blue well above red, green pen has green above red and blue, and
+    black pen is dark and grey.
+
+    Parameters
+    ----------
+    rgb : ndarray, shape (H, W, 3), uint8
+
+    Returns
+    -------
+    ndarray, shape (H, W), bool
+    """
+    r, g, b = (rgb[..., i].astype(np.int16) for i in range(3))
+    blue = (b > r + 60) & (b > g + 30) & (r < 120)
+    green = (g > r + 20) & (g >= b) & (r < 160)
+    lo = np.minimum(np.minimum(r, g), b)
+    hi = np.maximum(np.maximum(r, g), b)
+    black = (hi < 90) & (hi - lo < 30)
+    return blue | green | black
