@@ -1,0 +1,101 @@
+"""The Snakemake workflow in pipelines/ on a tiny synthetic cohort, run locally.
+
+End to end: every slide gets tiles, features and a heatmap; a second run has nothing to do;
+deleting one slide's features re-runs that slide's embed and heatmap jobs only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from wsimil.synth import make_cohort
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        importlib.util.find_spec("snakemake") is None,
+        reason="snakemake not installed (pip install -e '.[pipelines]')",
+    ),
+]
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEFILE = REPO / "pipelines" / "Snakefile"
+
+
+def _snakemake(run_dir: Path, work: Path, *extra: str) -> str:
+    wsimil = Path(sys.executable).with_name("wsimil")
+    cmd = [
+        sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--cores", "2", "--directory", str(work),
+        "--config", f"run_dir={run_dir}", f"wsimil_config={REPO / 'configs' / 'demo.yaml'}", f"wsimil={wsimil}",
+        f"python={sys.executable}", "embed_device=cpu", "train_args=--epochs 3", *extra,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def _job_counts(log: str) -> dict[str, int]:
+    """Rule -> count from the first 'Job stats' table of a Snakemake log."""
+    m = re.search(r"Job stats:\njob\s+count\n[-\s]+\n(.*?)\n\n", log, re.S)
+    if m is None:
+        return {}
+    rows = (line.split() for line in m.group(1).splitlines())
+    return {r[0]: int(r[1]) for r in rows if len(r) == 2 and r[0] != "total"}
+
+
+def test_workflow_runs_cohort_and_reruns_only_what_is_missing(tmp_path):
+    run = tmp_path / "run"
+    make_cohort(run, n_slides=6, width_px=1024, height_px=1024, seed=3)
+    ids = [f"synth_{i:03d}" for i in range(6)]
+
+    log = _snakemake(run, tmp_path)
+    assert _job_counts(log) == {"tile": 6, "embed": 6, "train": 1, "heatmap": 6, "all": 1}
+    for sid in ids:
+        assert (run / "tiles" / f"{sid}.zarr" / "zarr.json").is_file()
+        assert (run / "features" / "efficientnet_lite0" / f"{sid}.zarr" / "zarr.json").is_file()
+        assert (run / "heatmaps" / "gated_attention" / f"{sid}.png").stat().st_size > 0
+    assert (run / "models" / "gated_attention" / "checkpoint.pt").is_file()
+
+    assert "Nothing to be done" in _snakemake(run, tmp_path, "--dry-run")
+
+    # One slide's features deleted: its embed and heatmap jobs only (no tiling, no training).
+    shutil.rmtree(run / "features" / "efficientnet_lite0" / "synth_002.zarr")
+    log = _snakemake(run, tmp_path, "--dry-run")
+    assert _job_counts(log) == {"embed": 1, "heatmap": 1, "all": 1}
+    assert "wildcards: slide=synth_002" in log
+    assert not re.search(r"wildcards: slide=synth_00[013-5]", log)
+
+
+def test_workflow_rejects_missing_manifest(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--cores", "1", "--directory", str(tmp_path), "-n", "--config", f"run_dir={tmp_path / 'nope'}"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "manifest not found" in proc.stdout + proc.stderr
+
+
+def test_slide_manifest_helper_subsets_and_rejects_unknown_ids(tmp_path):
+    src = tmp_path / "cohort" / "manifest.csv"
+    src.parent.mkdir()
+    src.write_text("slide_id,path,label\na,slides/a.tiff,0\nb,/abs/b.tiff,1\n")
+    helper = REPO / "pipelines" / "scripts" / "slide_manifest.py"
+    out = tmp_path / "jobs" / "b_a.csv"
+    subprocess.run([sys.executable, str(helper), str(src), str(out), "b", "a"], check=True)
+    lines = out.read_text().splitlines()
+    assert lines == [
+        "slide_id,path,label",
+        "b,/abs/b.tiff,1",
+        f"a,{(src.parent / 'slides/a.tiff').resolve()},0",
+    ]
+    proc = subprocess.run(
+        [sys.executable, str(helper), str(src), str(out), "zz"], capture_output=True, text=True
+    )
+    assert proc.returncode != 0 and "unknown slide_id(s) zz" in proc.stderr
