@@ -70,3 +70,24 @@ def test_attention_mil_learns_bag_labels_and_finds_the_key_instances(model):
     # On positive test bags the highest attention falls on a key instance.
     hits = [keys[60 + i][int(torch.argmax(o.attention[0]))] for i, o in enumerate(outs) if labels[i] == 1]
     assert np.mean(hits) >= 0.8
+
+
+def test_max_instances_subsamples_training_steps_only(monkeypatch):
+    import wsimil.train as tr
+
+    bags, _ = make_bags(12, seed=5, n_inst=(30, 40))
+    seen = {"train": [], "eval": []}
+    build = tr.build_model
+
+    def spy(cfg, in_dim):  # record the bag length every forward pass of f sees
+        m = build(cfg, in_dim)
+        m.f.register_forward_hook(lambda mod, i, o: seen["train" if mod.training else "eval"].append(i[0].shape[1]))
+        return m
+
+    monkeypatch.setattr(tr, "build_model", spy)
+    cfg = TrainConfig(model="attention", epochs=2, patience=2, hidden_dim=8, attention_dim=4, max_instances=7, seed=0)
+    net, std, _, _ = fit(bags[:8], bags[8:], cfg)
+    assert set(seen["train"]) == {7}  # every training step saw 7 instances
+    assert set(seen["eval"]) == {len(b.features) for b in bags[8:]}  # validation sees every instance
+    _, outs = predict_bags(net, [std(b.features) for b in bags[8:]])
+    assert [o.attention.shape[1] for o in outs] == [len(b.features) for b in bags[8:]]

@@ -198,26 +198,38 @@ def embed(run_dir, manifest, config_file, encoder, checkpoint, no_pretrained, ba
 @MANIFEST
 @CONFIG
 @click.option("--encoder", default=None, help="Train on the features of this encoder [from the config's embed section].")
+@click.option("--bags", "bag_table", default=None, type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Train on a MIL bag table (CSV, no header: label, bag id, features) instead of the slide features.")
 @click.option("--model", default=None, help="MIL pooling: gated_attention, attention, embedding_mean, embedding_max, instance_mean, instance_max.")
 @click.option("--name", default=None, help="Model folder name under RUN_DIR/models [the model name].")
+@click.option("--protocol", type=click.Choice(["holdout", "cv", "split_column"]), default=None, help="Holdout split, repeated stratified k-fold CV, or the manifest's split column [holdout].")
+@click.option("--folds", "n_folds", type=int, default=None, help="CV folds [10].")
+@click.option("--repeats", "n_repeats", type=int, default=None, help="CV repeats [1].")
 @click.option("--epochs", type=int, default=None)
+@click.option("--max-instances", type=int, default=None, help="Instances sampled per bag per training step (never at evaluation).")
 @click.option("--seed", type=int, default=None)
 @click.option("--label-column", default=None)
 @click.option("--memory-budget-gb", type=float, default=8.0, show_default=True, help="Refuse to load more features than this.")
-def train(run_dir, manifest, config_file, encoder, model, name, epochs, seed, label_column, memory_budget_gb):
-    """Train a MIL model on the slide features -> RUN_DIR/models/<name>/."""
-    from .train import run_train
+def train(run_dir, manifest, config_file, encoder, bag_table, model, name, protocol, n_folds, n_repeats, epochs, max_instances, seed, label_column, memory_budget_gb):
+    """Train a MIL model on the slide features (or a bag table) -> RUN_DIR/models/<name>/."""
+    from .bags import read_mil_table
+    from .train import run_train, train_bags
 
-    overrides = dict(model=model, name=name or model, epochs=epochs, seed=seed, label_column=label_column)
-    cfg, df = _load(run_dir, manifest, config_file, require_label=True, label_column=label_column or "label", train=overrides, embed=dict(encoder=encoder))
+    overrides = dict(model=model, name=name or model, epochs=epochs, seed=seed, label_column=label_column, protocol=protocol, n_folds=n_folds, n_repeats=n_repeats, max_instances=max_instances)
     console = _console()
     try:
-        res = run_train(df, run_dir, cfg.train, encoder=cfg.embed.encoder, memory_budget_gb=memory_budget_gb, console=console)
+        if bag_table is not None:
+            from .config import load_config
+
+            cfg = load_config(config_file, train=overrides)
+            res = train_bags(read_mil_table(bag_table), run_dir / "models" / cfg.train.name, cfg.train, console=console)
+        else:
+            cfg, df = _load(run_dir, manifest, config_file, require_label=True, label_column=label_column or "label", train=overrides, embed=dict(encoder=encoder))
+            res = run_train(df, run_dir, cfg.train, encoder=cfg.embed.encoder, memory_budget_gb=memory_budget_gb, console=console)
     except (ValueError, MemoryError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc).splitlines()[0]) from exc
     console.print(
-        f"test slides: {res['n']}  accuracy {res['accuracy']:.3f}  precision {res['precision']:.3f}  "
-        f"recall {res['recall']:.3f}  F1 {res['f1']:.3f}  AUC {res['auc']:.3f}  (best epoch {res['best_epoch']})"
+        f"test ({res['n_folds']} fold(s), {res['n']} predictions): accuracy {res['accuracy']:.3f} ± {res['accuracy_std']:.3f}  "
+        f"precision {res['precision']:.3f}  recall {res['recall']:.3f}  F1 {res['f1']:.3f}  AUC {res['auc']:.3f} ± {res['auc_std']:.3f}"
     )
     console.print(f"model written to {res['model_dir']}")
 

@@ -64,8 +64,16 @@ class TrainConfig(_Section):
     weight_decay: float = Field(1e-4, ge=0)
     test_fraction: float = Field(0.3, gt=0, lt=1)
     val_fraction: float = Field(0.2, gt=0, lt=1)
-    max_instances: int | None = Field(None, ge=1)
+    max_instances: int | None = Field(None, ge=1, description="instances sampled per bag per training step (never at evaluation)")
     seed: int = 0
+    mlp_dims: list[int] | None = Field(None, description="widths of the instance MLP f (None: [hidden_dim])")
+    instance_encoder: Literal["mlp", "lenet"] = Field("mlp", description="f: MLP on features, or the paper's LeNet on 28x28 images")
+    protocol: Literal["holdout", "cv", "split_column"] = Field("holdout", description="holdout split, repeated stratified k-fold CV, or a fixed split column")
+    n_folds: int = Field(10, ge=2)
+    n_repeats: int = Field(1, ge=1)
+    split_column: str = Field("split", description="manifest column with train/val/test (protocol split_column)")
+    standardise: bool = Field(True, description="standardise features with training-fold mean/std")
+    balance: Literal["class_weight", "sampling", "none"] = Field("class_weight", description="class imbalance: positive-class loss weight, balanced sampling, or nothing")
 
 
 class HeatmapConfig(_Section):

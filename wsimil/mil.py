@@ -69,11 +69,43 @@ def create_mil(name: str, in_dim: int, **kwargs) -> MILModel:
     in_dim : int
         Instance feature dimension D.
     **kwargs
-        ``hidden_dim``, ``attention_dim``, ``dropout``, ``instance_encoder``.
+        ``hidden_dim``, ``attention_dim``, ``dropout``, ``mlp_dims`` and ``instance_encoder``
+        (an ``nn.Module``, ``"mlp"`` or ``"lenet"``).
     """
     if name not in _REGISTRY:
         raise ValueError(f"unknown MIL model {name!r}; choose one of {', '.join(list_mil_models())}")
     return _REGISTRY[name](in_dim, **kwargs)
+
+
+def mlp_encoder(in_dim: int, dims: list[int], *, dropout: float) -> nn.Module:
+    """Instance transform ``f``: Linear + ReLU + Dropout per width in ``dims``; (..., D) -> (..., dims[-1])."""
+    layers: list[nn.Module] = []
+    prev = in_dim
+    for width in dims:
+        layers += [nn.Linear(prev, width), nn.ReLU(), nn.Dropout(dropout)]
+        prev = width
+    return nn.Sequential(*layers)
+
+
+class LeNetEncoder(nn.Module):
+    """The paper's LeNet-style ``f`` for 28 x 28 images given flattened: (..., 784) -> (..., out_dim).
+
+    conv5-20 + ReLU + maxpool2, conv5-50 + ReLU + maxpool2, fc-``out_dim`` + ReLU (+ dropout).
+    """
+
+    def __init__(self, out_dim: int = 500, *, dropout: float = 0.0, side: int = 28):
+        super().__init__()
+        self.side = side
+        self.conv = nn.Sequential(
+            nn.Conv2d(1, 20, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(20, 50, 5), nn.ReLU(), nn.MaxPool2d(2)
+        )
+        n = ((side - 4) // 2 - 4) // 2
+        self.fc = nn.Sequential(nn.Linear(50 * n * n, out_dim), nn.ReLU(), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        h = self.conv(x.reshape(-1, 1, self.side, self.side))
+        return self.fc(h.flatten(1)).reshape(*lead, -1)
 
 
 def check_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -102,13 +134,24 @@ class MILModel(nn.Module):
         hidden_dim: int = 256,
         attention_dim: int = 128,
         dropout: float = 0.25,
-        instance_encoder: nn.Module | None = None,
+        mlp_dims: list[int] | None = None,
+        instance_encoder: nn.Module | str | None = None,
     ):
         super().__init__()
         self.in_dim = in_dim
         self.hidden_dim = hidden_dim
         self.attention_dim = attention_dim
-        self.f = instance_encoder or nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout))
+        if instance_encoder is None or instance_encoder == "mlp":
+            dims = list(mlp_dims) if mlp_dims else [hidden_dim]
+            self.hidden_dim = dims[-1]
+            self.f = mlp_encoder(in_dim, dims, dropout=dropout)
+        elif instance_encoder == "lenet":
+            self.f = LeNetEncoder(hidden_dim, dropout=dropout)
+        elif isinstance(instance_encoder, nn.Module):
+            self.f = instance_encoder
+        else:
+            raise ValueError(f"unknown instance encoder {instance_encoder!r}; use 'mlp', 'lenet' or an nn.Module")
+        hidden_dim = self.hidden_dim
         self.g = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden_dim, 1))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:

@@ -11,103 +11,23 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
+from .bags import Bag, load_slide_bags, read_mil_table
 from .config import TrainConfig, save_config
+from .cv import Fold, column_split, holdout_split, kfold_splits
 from .mil import create_mil
-from .store import open_store
 
-
-@dataclass
-class Bag:
-    """One bag: a slide's tile features and its label."""
-
-    bag_id: str
-    features: np.ndarray  # (N, D) float32
-    label: int
-    group: str  # case_id, or bag_id when there is none
-
-
-def load_slide_bags(
-    manifest: pd.DataFrame,
-    features_dir: str | Path,
-    *,
-    label_column: str = "label",
-    memory_budget_gb: float = 8.0,
-    console=None,
-) -> tuple[list[Bag], list[dict]]:
-    """Load the feature bags of the manifest's slides.
-
-    Slides without a feature store or with 0 tiles are skipped (and reported). The total size is
-    checked against ``memory_budget_gb`` before anything is loaded.
-
-    Returns
-    -------
-    bags : list of Bag
-    skipped : list of dict(slide_id, reason)
-    """
-    features_dir = Path(features_dir)
-    present, skipped = [], []
-    total_bytes = 0
-    for rec in manifest.itertuples(index=False):
-        store = features_dir / f"{rec.slide_id}.zarr"
-        if not store.exists():
-            skipped.append({"slide_id": rec.slide_id, "reason": f"no feature store at {store}"})
-            continue
-        g = open_store(store)
-        n, d = g["features"].shape
-        if n == 0:
-            skipped.append({"slide_id": rec.slide_id, "reason": "0 tiles"})
-            continue
-        total_bytes += n * d * 4
-        present.append((rec, g))
-    if total_bytes > memory_budget_gb * 2**30:
-        raise MemoryError(
-            f"{features_dir}: the cohort's features need {total_bytes / 2**30:.1f} GiB as float32, over the "
-            f"{memory_budget_gb} GiB budget; raise --memory-budget-gb or train on fewer slides"
-        )
-    bags = []
-    for rec, g in present:
-        label = getattr(rec, label_column)
-        case = getattr(rec, "case_id", None)
-        group = str(case) if case is not None and not pd.isna(case) else str(rec.slide_id)
-        bags.append(Bag(str(rec.slide_id), np.asarray(g["features"][...], dtype=np.float32), int(label), group))
-    if console is not None:
-        for s in skipped:
-            console.print(f"[yellow]skip[/yellow] {s['slide_id']}: {s['reason']}")
-    return bags, skipped
+__all__ = ["Bag", "load_slide_bags", "read_mil_table", "fit", "predict_bags", "run_train", "train_bags", "load_checkpoint"]
 
 
 def split_bags(bags: list[Bag], *, test_fraction: float, val_fraction: float, seed: int) -> dict[str, str]:
-    """Seeded split into train/val/test, stratified by label, grouped by ``Bag.group``.
-
-    Returns
-    -------
-    dict bag_id -> "train" | "val" | "test"
-    """
-    from sklearn.model_selection import train_test_split
-
-    groups = sorted({b.group for b in bags})
-    glabel = {g: 0 for g in groups}
-    for b in bags:
-        glabel[b.group] = max(glabel[b.group], b.label)
-
-    def take(pool: list[str], fraction: float, rs: int) -> tuple[list[str], list[str]]:
-        y = [glabel[g] for g in pool]
-        try:  # stratified when every class has enough groups, plain otherwise (tiny cohorts)
-            return train_test_split(pool, test_size=fraction, random_state=rs, stratify=y)
-        except ValueError:
-            return train_test_split(pool, test_size=fraction, random_state=rs)
-
-    g_trainval, g_test = take(groups, test_fraction, seed)
-    g_train, g_val = take(g_trainval, val_fraction, seed + 1)
-    where = {**{g: "train" for g in g_train}, **{g: "val" for g in g_val}, **{g: "test" for g in g_test}}
-    return {b.bag_id: where[b.group] for b in bags}
+    """Seeded holdout split (see :func:`wsimil.cv.holdout_split`)."""
+    return holdout_split(bags, test_fraction=test_fraction, val_fraction=val_fraction, seed=seed)
 
 
 def binary_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> dict:
@@ -169,28 +89,53 @@ def predict_bags(model, tensors: list[torch.Tensor]) -> tuple[np.ndarray, list]:
     return np.asarray(probs), outs
 
 
-def fit(train: list[Bag], val: list[Bag], cfg: TrainConfig, *, console=None) -> tuple[torch.nn.Module, Standardiser, pd.DataFrame, int]:
-    """Train a MIL model; early stopping on the validation loss; returns the best model.
+def build_model(cfg: TrainConfig, in_dim: int) -> torch.nn.Module:
+    """The MIL model a config describes (instance transform f, pooling, classifier)."""
+    return create_mil(cfg.model, in_dim, **model_kwargs(cfg))
+
+
+def model_kwargs(cfg: TrainConfig) -> dict:
+    return {
+        "hidden_dim": cfg.hidden_dim,
+        "attention_dim": cfg.attention_dim,
+        "dropout": cfg.dropout,
+        "mlp_dims": cfg.mlp_dims,
+        "instance_encoder": cfg.instance_encoder,
+    }
+
+
+def fit(
+    train: list[Bag], val: list[Bag], cfg: TrainConfig, *, seed: int | None = None, console=None
+) -> tuple[torch.nn.Module, Standardiser, pd.DataFrame, int]:
+    """Train a MIL model, one bag per step; early stopping on the validation loss; returns the best model.
+
+    Features are standardised with statistics of ``train`` only. Bags longer than
+    ``cfg.max_instances`` are subsampled per step (training only). Class imbalance is
+    handled by ``cfg.balance``.
 
     Returns
     -------
     model, standardiser, history (epoch, train_loss, val_loss, seconds), best_epoch
     """
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
+    seed = cfg.seed if seed is None else seed
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
     in_dim = train[0].features.shape[1]
-    std = Standardiser.fit(train)
+    std = Standardiser.fit(train) if cfg.standardise else Standardiser(np.zeros(in_dim), np.ones(in_dim))
     xs_train = [std(b.features) for b in train]
     xs_val = [std(b.features) for b in val]
     y_train = np.array([b.label for b in train], np.float32)
     y_val = np.array([b.label for b in val], np.float32)
 
-    model = create_mil(cfg.model, in_dim, hidden_dim=cfg.hidden_dim, attention_dim=cfg.attention_dim, dropout=cfg.dropout)
+    model = build_model(cfg, in_dim)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
-    n_pos = max(y_train.sum(), 1.0)
-    n_neg = max(len(y_train) - y_train.sum(), 1.0)
-    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor([n_neg / n_pos]))
+    n_pos = max(float(y_train.sum()), 1.0)
+    n_neg = max(len(y_train) - float(y_train.sum()), 1.0)
+    pos_weight = torch.tensor([n_neg / n_pos]) if cfg.balance == "class_weight" else None
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
     eval_loss_fn = torch.nn.BCEWithLogitsLoss()
+    p_sample = np.where(y_train > 0, 0.5 / n_pos, 0.5 / n_neg)
+    p_sample /= p_sample.sum()
 
     best = (float("inf"), copy.deepcopy(model.state_dict()), 0)
     history = []
@@ -198,7 +143,11 @@ def fit(train: list[Bag], val: list[Bag], cfg: TrainConfig, *, console=None) -> 
         t0 = time.perf_counter()
         model.train()
         total = 0.0
-        for i in rng.permutation(len(xs_train)):
+        if cfg.balance == "sampling":
+            order = rng.choice(len(xs_train), len(xs_train), replace=True, p=p_sample)
+        else:
+            order = rng.permutation(len(xs_train))
+        for i in order:
             x = xs_train[i]
             if cfg.max_instances and len(x) > cfg.max_instances:
                 x = x[torch.from_numpy(rng.choice(len(x), cfg.max_instances, replace=False))]
@@ -207,8 +156,11 @@ def fit(train: list[Bag], val: list[Bag], cfg: TrainConfig, *, console=None) -> 
             loss.backward()
             optimizer.step()
             total += float(loss.detach())
-        probs, _ = predict_bags(model, xs_val)
-        val_loss = float(eval_loss_fn(torch.logit(torch.tensor(probs).clamp(1e-6, 1 - 1e-6)), torch.tensor(y_val)))
+        if xs_val:
+            probs, _ = predict_bags(model, xs_val)
+            val_loss = float(eval_loss_fn(torch.logit(torch.tensor(probs).clamp(1e-6, 1 - 1e-6)), torch.tensor(y_val)))
+        else:  # no validation bags: keep the last epoch
+            val_loss = -float(epoch)
         history.append({"epoch": epoch, "train_loss": total / len(xs_train), "val_loss": val_loss, "seconds": time.perf_counter() - t0})
         if val_loss < best[0] - 1e-4:
             best = (val_loss, copy.deepcopy(model.state_dict()), epoch)
@@ -221,11 +173,15 @@ def fit(train: list[Bag], val: list[Bag], cfg: TrainConfig, *, console=None) -> 
     return model, std, pd.DataFrame(history), best[2]
 
 
-def save_checkpoint(path: Path, model, std: Standardiser, cfg: TrainConfig, *, encoder: str | None, best_epoch: int, split: dict) -> None:
+def save_checkpoint(path: Path, model, std: Standardiser, cfg: TrainConfig, *, encoder: str | None, best_epoch: int, split: dict, **extra) -> None:
+    """Write everything needed to predict with, or resume from, a trained model."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
     torch.save(
         {
             "model_name": cfg.model,
-            "model_kwargs": {"hidden_dim": cfg.hidden_dim, "attention_dim": cfg.attention_dim, "dropout": cfg.dropout},
+            "model_kwargs": model_kwargs(cfg),
             "in_dim": model.in_dim,
             "state_dict": model.state_dict(),
             "feature_mean": std.mean,
@@ -234,9 +190,11 @@ def save_checkpoint(path: Path, model, std: Standardiser, cfg: TrainConfig, *, e
             "encoder": encoder,
             "best_epoch": best_epoch,
             "split": split,
+            **extra,
         },
-        path,
+        tmp,
     )
+    tmp.replace(path)  # a checkpoint that exists is complete
 
 
 def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, Standardiser, dict]:
@@ -251,6 +209,98 @@ def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, Standardiser, di
     return model, Standardiser(ckpt["feature_mean"], ckpt["feature_std"]), ckpt
 
 
+METRIC_COLUMNS = ["accuracy", "precision", "recall", "f1", "auc"]
+
+
+def make_folds(bags: list[Bag], cfg: TrainConfig, *, split_values: dict[str, str] | None = None) -> list[Fold]:
+    """The folds of ``cfg.protocol``: one holdout split, one fixed column split, or repeats x k folds."""
+    if cfg.protocol == "cv":
+        return kfold_splits(bags, n_folds=cfg.n_folds, n_repeats=cfg.n_repeats, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    if cfg.protocol == "split_column":
+        if split_values is None:
+            raise ValueError(f"protocol split_column needs a {cfg.split_column!r} column in the manifest")
+        return [Fold(0, 0, column_split(bags, split_values))]
+    if len(bags) < 4:
+        raise ValueError(f"only {len(bags)} bags; need at least 4 to split train/val/test")
+    return [Fold(0, 0, holdout_split(bags, test_fraction=cfg.test_fraction, val_fraction=cfg.val_fraction, seed=cfg.seed))]
+
+
+def summarise_metrics(per_fold: pd.DataFrame) -> pd.DataFrame:
+    """Mean and std over folds of the paper's columns; one row ``mean`` and one ``std``."""
+    cols = [c for c in METRIC_COLUMNS if c in per_fold]
+    return pd.DataFrame({"stat": ["mean", "std"], **{c: [per_fold[c].mean(), per_fold[c].std(ddof=0)] for c in cols}})
+
+
+def train_bags(
+    bags: list[Bag],
+    model_dir: str | Path,
+    cfg: TrainConfig,
+    *,
+    encoder: str | None = None,
+    split_values: dict[str, str] | None = None,
+    console=None,
+) -> dict:
+    """Run ``cfg.protocol`` on bags: the one code path of slide cohorts and bag tables.
+
+    Writes to ``model_dir``: ``config.yaml``; per fold ``folds/r<repeat>_f<fold>/checkpoint.pt``
+    and ``history.csv`` (a fold whose checkpoint exists with the same config is resumed from it,
+    not retrained); ``predictions.csv`` (slide_id, repeat, fold, split, probability, prediction,
+    label: test bags of every fold under CV, every bag under holdout/split_column);
+    ``metrics.csv`` (test metrics per fold), ``metrics_summary.csv`` (mean and std over folds).
+    Holdout and split_column also write ``checkpoint.pt`` (the model the heatmap stage uses).
+
+    Returns
+    -------
+    dict: test ``n`` and mean accuracy, precision, recall, f1, auc; ``*_std``; best_epoch
+    (of the first fold); n_folds; model_dir.
+    """
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, model_dir / "config.yaml")
+    if not bags:
+        raise ValueError(f"{model_dir}: no bags to train on")
+    folds = make_folds(bags, cfg, split_values=split_values)
+    pred_rows, fold_metrics = [], []
+    for f in folds:
+        fold_dir = model_dir / "folds" / f"r{f.repeat}_f{f.fold}"
+        ckpt_path = fold_dir / "checkpoint.pt"
+        train = [b for b in bags if f.split[b.bag_id] == "train"]
+        val = [b for b in bags if f.split[b.bag_id] == "val"]
+        resumed = False
+        if ckpt_path.is_file():
+            model, std, meta = load_checkpoint(ckpt_path)
+            resumed = meta["config"] == cfg.model_dump() and meta["split"] == f.split
+        if not resumed:
+            model, std, history, best_epoch = fit(train, val, cfg, seed=cfg.seed + 7919 * f.repeat + 101 * f.fold, console=console)
+            fold_dir.mkdir(parents=True, exist_ok=True)
+            history.to_csv(fold_dir / "history.csv", index=False)
+            save_checkpoint(ckpt_path, model, std, cfg, encoder=encoder, best_epoch=best_epoch, split=f.split, repeat=f.repeat, fold=f.fold)
+        else:
+            best_epoch = meta["best_epoch"]
+        shown = bags if len(folds) == 1 else [b for b in bags if f.split[b.bag_id] == "test"]
+        probs, _ = predict_bags(model, [std(b.features) for b in shown])
+        for b, p in zip(shown, probs, strict=True):
+            pred_rows.append({"slide_id": b.bag_id, "repeat": f.repeat, "fold": f.fold, "split": f.split[b.bag_id], "probability": float(p), "prediction": int(p >= 0.5), "label": b.label})
+        test = [(b.label, p) for b, p in zip(shown, probs, strict=True) if f.split[b.bag_id] == "test"]
+        m = binary_metrics(np.array([t[0] for t in test]), np.array([t[1] for t in test]))
+        fold_metrics.append({"repeat": f.repeat, "fold": f.fold, **m, "best_epoch": best_epoch, "resumed": resumed})
+        if console is not None:
+            console.print(f"repeat {f.repeat} fold {f.fold}: test accuracy {m['accuracy']:.3f} AUC {m['auc']:.3f} (best epoch {best_epoch}{', resumed' if resumed else ''})")
+        if len(folds) == 1:
+            save_checkpoint(model_dir / "checkpoint.pt", model, std, cfg, encoder=encoder, best_epoch=best_epoch, split=f.split)
+            pd.DataFrame(history if not resumed else []).to_csv(model_dir / "history.csv", index=False)
+    pd.DataFrame(pred_rows).to_csv(model_dir / "predictions.csv", index=False)
+    per_fold = pd.DataFrame(fold_metrics)
+    per_fold.to_csv(model_dir / "metrics.csv", index=False)
+    summary = summarise_metrics(per_fold)
+    summary.to_csv(model_dir / "metrics_summary.csv", index=False)
+    out = {"n": int(per_fold["n"].sum()), "best_epoch": int(fold_metrics[0]["best_epoch"]), "n_folds": len(folds), "model_dir": str(model_dir)}
+    for c in METRIC_COLUMNS:
+        out[c] = float(summary.loc[0, c])
+        out[f"{c}_std"] = float(summary.loc[1, c])
+    return out
+
+
 def run_train(
     manifest: pd.DataFrame,
     out_dir: str | Path,
@@ -260,18 +310,15 @@ def run_train(
     memory_budget_gb: float = 8.0,
     console=None,
 ) -> dict:
-    """Train on the features of ``encoder`` in ``out_dir``; write ``models/<cfg.name>/``.
+    """Train on the features of ``encoder`` in ``out_dir``; write ``models/<cfg.name>/`` (see :func:`train_bags`).
 
     Returns
     -------
-    dict of test metrics (and ``model_dir``).
+    dict of test metrics (and ``model_dir``, ``skipped``).
     """
     from .embed import encoder_dir_name
 
     out_dir = Path(out_dir)
-    model_dir = out_dir / "models" / cfg.name
-    model_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, model_dir / "config.yaml")
     if cfg.label_column not in manifest.columns:
         raise ValueError(f"manifest has no label column {cfg.label_column!r}")
     bags, skipped = load_slide_bags(
@@ -281,27 +328,13 @@ def run_train(
         memory_budget_gb=memory_budget_gb,
         console=console,
     )
-    if len(bags) < 4:
-        raise ValueError(f"only {len(bags)} slides have features; need at least 4 to split train/val/test")
-    split = split_bags(bags, test_fraction=cfg.test_fraction, val_fraction=cfg.val_fraction, seed=cfg.seed)
-    train = [b for b in bags if split[b.bag_id] == "train"]
-    val = [b for b in bags if split[b.bag_id] == "val"]
-    model, std, history, best_epoch = fit(train, val, cfg, console=console)
-    history.to_csv(model_dir / "history.csv", index=False)
-    save_checkpoint(model_dir / "checkpoint.pt", model, std, cfg, encoder=encoder, best_epoch=best_epoch, split=split)
+    split_values = None
+    if cfg.protocol == "split_column" and cfg.split_column in manifest.columns:
+        split_values = dict(zip(manifest.slide_id.astype(str), manifest[cfg.split_column], strict=True))
+    res = train_bags(bags, out_dir / "models" / cfg.name, cfg, encoder=encoder, split_values=split_values, console=console)
+    return {**res, "skipped": skipped}
 
-    probs, _ = predict_bags(model, [std(b.features) for b in bags])
-    pred = pd.DataFrame(
-        {
-            "slide_id": [b.bag_id for b in bags],
-            "split": [split[b.bag_id] for b in bags],
-            "probability": probs,
-            "prediction": (probs >= 0.5).astype(int),
-            "label": [b.label for b in bags],
-        }
-    )
-    pred.to_csv(model_dir / "predictions.csv", index=False)
-    metrics = [{"split": s, **binary_metrics(pred.label[pred.split == s].values, pred.probability[pred.split == s].values)} for s in ("train", "val", "test")]
-    pd.DataFrame(metrics).to_csv(model_dir / "metrics.csv", index=False)
-    test = next(m for m in metrics if m["split"] == "test")
-    return {**test, "best_epoch": best_epoch, "model_dir": str(model_dir), "skipped": skipped}
+
+def run_train_table(table: str | Path, model_dir: str | Path, cfg: TrainConfig, *, console=None) -> dict:
+    """Train on a MIL bag table (CSV: label, bag id, features...); write ``model_dir`` (see :func:`train_bags`)."""
+    return train_bags(read_mil_table(table), model_dir, cfg, encoder=None, console=console)

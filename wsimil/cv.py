@@ -1,0 +1,102 @@
+"""Evaluation protocols: repeated stratified group k-fold with an inner validation split.
+
+Splits are over groups (``Bag.group``: the case/patient), so the slides of one case never
+straddle train and test, nor train and validation. Everything is seeded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Fold:
+    """One train/val/test assignment: ``split`` maps bag_id -> "train" | "val" | "test"."""
+
+    repeat: int
+    fold: int
+    split: dict[str, str]
+
+
+def _group_labels(bags) -> tuple[list[str], np.ndarray]:
+    groups = sorted({b.group for b in bags})
+    lab = dict.fromkeys(groups, 0)
+    for b in bags:
+        lab[b.group] = max(lab[b.group], int(b.label))
+    return groups, np.array([lab[g] for g in groups])
+
+
+def _take(pool: list[str], y: np.ndarray, fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    from sklearn.model_selection import train_test_split
+
+    try:  # stratified when every class has enough groups, plain otherwise (tiny cohorts)
+        return train_test_split(pool, test_size=fraction, random_state=seed, stratify=y)
+    except ValueError:
+        return train_test_split(pool, test_size=fraction, random_state=seed)
+
+
+def kfold_splits(bags, *, n_folds: int, n_repeats: int, val_fraction: float, seed: int) -> list[Fold]:
+    """Stratified k-fold over groups, repeated with reshuffles; a validation split inside each training fold.
+
+    Parameters
+    ----------
+    bags : list of Bag
+    n_folds, n_repeats : int
+        ``n_repeats`` x ``n_folds`` folds; every group is in the test part of exactly one
+        fold per repeat.
+    val_fraction : float
+        Share of each training fold's groups held out for early stopping.
+    seed : int
+
+    Returns
+    -------
+    list of Fold
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    groups, y = _group_labels(bags)
+    if min(np.bincount(y, minlength=2)) < n_folds:
+        raise ValueError(f"{len(groups)} cases with {np.bincount(y, minlength=2).tolist()} per class: too few for {n_folds} stratified folds; lower n_folds")
+    garr = np.array(groups)
+    folds = []
+    for r in range(n_repeats):
+        skf = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed + 1000 * r)
+        for k, (tr, te) in enumerate(skf.split(garr, y)):
+            g_train, g_val = _take(garr[tr].tolist(), y[tr], val_fraction, seed + 1000 * r + k + 1)
+            where = {**dict.fromkeys(g_train, "train"), **dict.fromkeys(g_val, "val"), **dict.fromkeys(garr[te].tolist(), "test")}
+            folds.append(Fold(r, k, {b.bag_id: where[b.group] for b in bags}))
+    return folds
+
+
+def holdout_split(bags, *, test_fraction: float, val_fraction: float, seed: int) -> dict[str, str]:
+    """Seeded train/val/test split, stratified by label, grouped by ``Bag.group``.
+
+    Returns
+    -------
+    dict bag_id -> "train" | "val" | "test"
+    """
+    groups, y = _group_labels(bags)
+    g_trainval, g_test = _take(groups, y, test_fraction, seed)
+    ytv = np.array([y[groups.index(g)] for g in g_trainval])
+    g_train, g_val = _take(g_trainval, ytv, val_fraction, seed + 1)
+    where = {**dict.fromkeys(g_train, "train"), **dict.fromkeys(g_val, "val"), **dict.fromkeys(g_test, "test")}
+    return {b.bag_id: where[b.group] for b in bags}
+
+
+def column_split(bags, values: dict[str, str]) -> dict[str, str]:
+    """A fixed split from a manifest column (bag_id -> train/val/test); refuses other values and split cases."""
+    out = {}
+    for b in bags:
+        v = str(values.get(b.bag_id, "")).strip().lower()
+        if v not in ("train", "val", "test"):
+            raise ValueError(f"slide {b.bag_id}: split value {values.get(b.bag_id)!r}; use train, val or test")
+        out[b.bag_id] = v
+    by_group: dict[str, set] = {}
+    for b in bags:
+        by_group.setdefault(b.group, set()).add(out[b.bag_id])
+    bad = [g for g, s in by_group.items() if len(s) > 1]
+    if bad:
+        raise ValueError(f"case {bad[0]} has slides in {sorted(by_group[bad[0]])}; a case must stay in one split")
+    return out
