@@ -128,3 +128,23 @@ def test_instance_models_export_instance_scores(cohort):
     feat = json.loads((hm / f"{sid}.geojson").read_text())["features"][0]
     assert feat["properties"]["measurements"]["instance_score"] == pytest.approx(t.instance_score[0], abs=1e-5)
     assert not (hm / "index.html").exists() and not list(hm.glob("*_top"))
+
+
+def test_a_slide_with_no_tiles_gets_status_empty_and_a_plain_thumbnail(cohort, tmp_path):
+    src, manifest, _ = cohort
+    run = tmp_path / "run"
+    shutil.copytree(src / "models", run / "models")
+    sid = manifest.slide_id[0]
+    import zarr
+
+    ta = dict(open_store(src / "tiles" / f"{sid}.zarr").attrs)
+    g = zarr.open_group(str(run / "features" / ENC / f"{sid}.zarr"), mode="w", zarr_format=3)
+    write_array(g, "features", np.zeros((0, DIM), np.float16))
+    write_array(g, "coords", np.zeros((0, 2), np.int32))
+    g.attrs.update({"encoder": {"name": ENC, "feature_dim": DIM}, "tiles": ta})
+    res = run_heatmap(manifest.iloc[:1], run, HeatmapConfig(thumbnail_px=128, review_page=False), model_name="gated_attention")
+    assert res.status.tolist() == ["empty"] and "0 tiles" in res.message[0]
+    from PIL import Image
+
+    with Image.open(run / "heatmaps" / "gated_attention" / f"{sid}.png") as im:
+        assert max(im.size) >= 128

@@ -125,6 +125,15 @@ def tissue_outline(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return m & ~binary_erosion(m, iterations=1, border_value=0)
 
 
+def _save_png(img: np.ndarray, path: Path) -> None:
+    """Write an (H, W, 3) uint8 image as PNG under a temporary name, then rename it into place."""
+    from PIL import Image
+
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    Image.fromarray(img).save(tmp)
+    tmp.replace(path)
+
+
 def render_overlay(
     thumb: np.ndarray, heat: np.ndarray, covered: np.ndarray, *, cmap: str, alpha: float, title: str = "", outline: np.ndarray | None = None
 ) -> np.ndarray:
@@ -277,9 +286,7 @@ def export_slide(
     heat = smooth_heat(heat, covered, sigma_px=cfg.smooth_tiles * tile_px_level0 / ds)
     outline = tissue_outline(tissue[0], thumb.shape[:2]) if (tissue is not None and cfg.tissue_outline) else None
     img = render_overlay(thumb, heat, covered, cmap=cfg.cmap, alpha=cfg.alpha, title=title, outline=outline)
-    tmp = out_dir / f".{slide_id}.png.tmp.png"
-    Image.fromarray(img).save(tmp)
-    tmp.replace(out_dir / res["overlay"])
+    _save_png(img, out_dir / res["overlay"])
     tmp = out_dir / f".{slide_id}.thumb.tmp.jpg"
     Image.fromarray(thumb).save(tmp, quality=85)
     tmp.replace(out_dir / res["thumbnail"])
@@ -374,7 +381,14 @@ def run_heatmap(
                     raise SlideError(f"{sid}: features from encoder {attrs['encoder']['name']!r} but the model was trained on {encoder!r}; re-embed with --encoder {encoder}")
                 feats = np.asarray(g["features"][...], dtype=np.float32)
                 if len(feats) == 0:
-                    row.update(status="empty", message=f"{sid}: 0 tiles, no heatmap")
+                    # Still show the reviewer the slide, marked as having no tissue tiles.
+                    mpp = getattr(rec, "mpp", None)
+                    with open_slide(rec.path, mpp=None if mpp is None or pd.isna(mpp) else float(mpp)) as slide:
+                        thumb, _ = bounded_thumbnail(slide, cfg.thumbnail_px)
+                    empty = np.zeros(thumb.shape[:2], np.float32)
+                    img = render_overlay(thumb, empty, empty > 0, cmap=cfg.cmap, alpha=cfg.alpha, title=f"{sid}  no tissue tiles")
+                    _save_png(img, hm_dir / f"{sid}.png")
+                    row.update(status="empty", message=f"{sid}: 0 tiles, thumbnail only")
                 else:
                     if feats.shape[1] != meta["in_dim"]:
                         raise SlideError(f"{sid}: feature dim {feats.shape[1]} does not match the model's {meta['in_dim']}; re-embed with --encoder {encoder}")
