@@ -18,6 +18,7 @@ import pandas as pd
 
 from . import __version__
 from .config import EmbedConfig, save_config
+from .manifest import mpp_override
 from .slide import SlideError, TiffReader, open_slide
 from .store import (
     PendingStore,
@@ -345,19 +346,19 @@ def run_embed(
         if state == "changed" and not overwrite:
             row.update(status="error", message=f"{fstore}: made from other tiles or encoder settings; pass --overwrite to redo it")
             continue
-        mpp = getattr(rec, "mpp", None)
+        mpp = mpp_override(rec)
         jobs.append(
             SlideJob(
                 slide_id=sid,
                 path=str(rec.path),
-                mpp=None if mpp is None or pd.isna(mpp) else float(mpp),
+                mpp=mpp,
                 coords=np.asarray(tg["coords"][...], dtype=np.int32),
                 read_level=int(tattrs["read_level"]),
                 read_px=int(tattrs["read_px"]),
                 tile_attrs={**tattrs, "config_hash_embed": chash},
                 step_px_level0=int(tattrs["stride_px_level0"]),
                 group_reads=cfg.group_reads and can_group_reads(tattrs),
-                reader=pick_reader(str(rec.path), cfg.reader, mpp=None if mpp is None or pd.isna(mpp) else float(mpp)),
+                reader=pick_reader(str(rec.path), cfg.reader, mpp=mpp),
             )
         )
 

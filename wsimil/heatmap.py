@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from .config import HeatmapConfig, save_config
+from .manifest import mpp_override
 from .slide import SlideError, open_slide
 from .store import StatusLog, open_store
 
@@ -382,8 +383,7 @@ def run_heatmap(
                 feats = np.asarray(g["features"][...], dtype=np.float32)
                 if len(feats) == 0:
                     # Still show the reviewer the slide, marked as having no tissue tiles.
-                    mpp = getattr(rec, "mpp", None)
-                    with open_slide(rec.path, mpp=None if mpp is None or pd.isna(mpp) else float(mpp)) as slide:
+                    with open_slide(rec.path, mpp=mpp_override(rec)) as slide:
                         thumb, _ = bounded_thumbnail(slide, cfg.thumbnail_px)
                     empty = np.zeros(thumb.shape[:2], np.float32)
                     img = render_overlay(thumb, empty, empty > 0, cmap=cfg.cmap, alpha=cfg.alpha, title=f"{sid}  no tissue tiles")
@@ -399,8 +399,7 @@ def run_heatmap(
                     tmp = hm_dir / f".{sid}.csv.tmp"
                     table.to_csv(tmp, index=False)
                     tmp.replace(hm_dir / f"{sid}.csv")
-                    mpp = getattr(rec, "mpp", None)
-                    with open_slide(rec.path, mpp=None if mpp is None or pd.isna(mpp) else float(mpp)) as slide:
+                    with open_slide(rec.path, mpp=mpp_override(rec)) as slide:
                         if slide.dimensions != (tiles["width_px"], tiles["height_px"]):
                             raise SlideError(f"{rec.path}: slide is {slide.dimensions} px but was tiled at {(tiles['width_px'], tiles['height_px'])}; re-run tile and embed")
                         title = f"{sid}  p={prob:.3f}" + (f"  label={label}" if label is not None else "")

@@ -47,6 +47,12 @@ def read_manifest(path: str | Path, *, require_label: bool = False, label_column
     return df.reset_index(drop=True)
 
 
+def mpp_override(rec) -> float | None:
+    """The manifest's ``mpp`` for one row (a ``DataFrame.itertuples`` record), or None if absent/empty."""
+    mpp = getattr(rec, "mpp", None)
+    return None if mpp is None or pd.isna(mpp) else float(mpp)
+
+
 def shard(df: pd.DataFrame, spec: str | None) -> pd.DataFrame:
     """Keep every N-th row for ``spec`` = ``"I/N"`` (I in 0..N-1, or 1..N from Slurm arrays are not mixed: 0-based)."""
     if not spec:

@@ -23,6 +23,7 @@ import pandas as pd
 
 from . import __version__
 from .config import TileConfig, save_config
+from .manifest import mpp_override
 from .slide import Slide, SlideError, open_slide
 from .store import StatusLog, atomic_store, config_hash, store_status, write_array
 from .tissue import tissue_mask
@@ -350,8 +351,7 @@ def _tile_one(rec, sid: str, tiles_dir: Path, cfg: TileConfig, chash: str, row: 
             from .annotations import resolve_mask_path
 
             mask_file = resolve_mask_path(str(mask), sid)
-        mpp = getattr(rec, "mpp", None)
-        mpp = None if mpp is None or pd.isna(mpp) else float(mpp)
+        mpp = mpp_override(rec)
         if mpp is not None and not mpp > 0:
             raise SlideError(f"{path}: mpp {mpp} in the manifest is not positive; fix the 'mpp' column")
         with open_slide(path, mpp=mpp) as slide:
