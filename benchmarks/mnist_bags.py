@@ -9,8 +9,9 @@ A bag holds ~N(10, 2) digits (at least 1); it is positive when it contains a 9. 
 validation bags are drawn from 6,000 of the file's digits (a fixed random half-split; the file is
 sorted by digit), the 1,000 test bags from the 4,000 held-out digits; training bags are balanced (half positive). f is the paper's LeNet-style CNN
 (wsimil.mil.LeNetEncoder, 500-d), trained end to end with wsimil.train.fit (early stopping on
-a validation split of the training bags). Writes OUT_DIR/results.csv and
-OUT_DIR/mnist_bags_auc.png; prints one JSON line per run.
+a validation split of the training bags). Each finished run is kept as OUT_DIR/runs/*.json (a
+re-run skips it; ``--shard I/N`` splits the grid over processes); then writes
+OUT_DIR/results.csv (all finished runs) and OUT_DIR/mnist_bags_auc.png; prints one JSON line per run.
 """
 
 from __future__ import annotations
@@ -79,9 +80,18 @@ def plot(df, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
+def collect(out_dir: Path):
+    """All finished runs (OUT_DIR/runs/*.json) as one table; writes results.csv and the plot."""
     import pandas as pd
 
+    rows = [json.loads(p.read_text()) for p in sorted((out_dir / "runs").glob("*.json"))]
+    df = pd.DataFrame(rows).sort_values(["model", "n_train", "repeat"])
+    df.to_csv(out_dir / "results.csv", index=False)
+    plot(df, out_dir / "mnist_bags_auc.png")
+    return df
+
+
+def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("npz", type=Path)
     ap.add_argument("out_dir", type=Path)
@@ -90,21 +100,25 @@ def main() -> None:
     ap.add_argument("--models", default="attention,gated_attention,instance_max,instance_mean,embedding_max,embedding_mean")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--shard", default="0/1", help="I/N: run every N-th run starting at I (several processes share the grid)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     data = np.load(args.npz)
     images, labels = data["images"], data["labels"]
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for repeat in range(args.repeats):
-        for n_train in [int(s) for s in args.sizes.split(",")]:
-            for model in args.models.split(","):
-                row = run_one(images, labels, model=model, n_train=n_train, repeat=repeat, epochs=args.epochs)
-                print(json.dumps(row), flush=True)
-                rows.append(row)
-                df = pd.DataFrame(rows)
-                df.to_csv(args.out_dir / "results.csv", index=False)
-    plot(df, args.out_dir / "mnist_bags_auc.png")
+    runs_dir = args.out_dir / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    shard, n_shards = (int(v) for v in args.shard.split("/"))
+    grid = [(r, n, m) for r in range(args.repeats) for n in [int(s) for s in args.sizes.split(",")] for m in args.models.split(",")]
+    for repeat, n_train, model in grid[shard::n_shards]:
+        done = runs_dir / f"{model}_{n_train}_r{repeat}_e{args.epochs}.json"
+        if done.is_file():  # finished by an earlier (killed) run: resume
+            continue
+        row = {**run_one(images, labels, model=model, n_train=n_train, repeat=repeat, epochs=args.epochs), "max_epochs": args.epochs}
+        print(json.dumps(row), flush=True)
+        tmp = done.with_suffix(".tmp")
+        tmp.write_text(json.dumps(row))
+        tmp.replace(done)
+    collect(args.out_dir)
 
 
 if __name__ == "__main__":

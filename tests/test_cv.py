@@ -50,6 +50,18 @@ def test_kfold_never_puts_a_case_in_train_and_test_and_covers_each_case_once_per
     assert folds[0].split != folds[5].split  # repeats reshuffle
 
 
+def test_no_validation_split_trains_on_the_whole_training_fold_and_keeps_the_last_epoch(tmp_path):
+    bags = toy_bags(20)
+    folds = kfold_splits(bags, n_folds=5, n_repeats=1, val_fraction=0.0, seed=0)
+    assert all(set(f.split.values()) == {"train", "test"} for f in folds)
+    torch.set_num_threads(1)
+    cfg = TrainConfig(model="attention", protocol="cv", n_folds=5, n_repeats=1, val_fraction=0.0, epochs=6, patience=1, hidden_dim=16, attention_dim=8)
+    train_bags(bags, tmp_path / "m", cfg)
+    for hist in sorted((tmp_path / "m" / "folds").glob("*/history.csv")):
+        assert len(pd.read_csv(hist)) == 6  # patience is moot without validation bags: all epochs run
+    assert (pd.read_csv(tmp_path / "m" / "metrics.csv").best_epoch == 6).all()
+
+
 def test_too_few_cases_for_the_folds_and_split_cases_are_refused():
     with pytest.raises(ValueError, match="lower n_folds"):
         kfold_splits(toy_bags(6), n_folds=5, n_repeats=1, val_fraction=0.2, seed=0)

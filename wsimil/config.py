@@ -63,7 +63,7 @@ class TrainConfig(_Section):
     lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     test_fraction: float = Field(0.3, gt=0, lt=1)
-    val_fraction: float = Field(0.2, gt=0, lt=1)
+    val_fraction: float = Field(0.2, ge=0, lt=1, description="share of training cases held out for early stopping (0: none; train all epochs, keep the last)")
     max_instances: int | None = Field(None, ge=1, description="instances sampled per bag per training step (never at evaluation)")
     seed: int = 0
     mlp_dims: list[int] | None = Field(None, description="widths of the instance MLP f (None: [hidden_dim])")

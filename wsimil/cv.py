@@ -31,6 +31,8 @@ def _group_labels(bags) -> tuple[list[str], np.ndarray]:
 def _take(pool: list[str], y: np.ndarray, fraction: float, seed: int) -> tuple[list[str], list[str]]:
     from sklearn.model_selection import train_test_split
 
+    if fraction == 0:
+        return list(pool), []
     try:  # stratified when every class has enough groups, plain otherwise (tiny cohorts)
         return train_test_split(pool, test_size=fraction, random_state=seed, stratify=y)
     except ValueError:
@@ -47,7 +49,7 @@ def kfold_splits(bags, *, n_folds: int, n_repeats: int, val_fraction: float, see
         ``n_repeats`` x ``n_folds`` folds; every group is in the test part of exactly one
         fold per repeat.
     val_fraction : float
-        Share of each training fold's groups held out for early stopping.
+        Share of each training fold's groups held out for early stopping (0: none).
     seed : int
 
     Returns
