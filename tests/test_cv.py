@@ -60,6 +60,9 @@ def test_no_validation_split_trains_on_the_whole_training_fold_and_keeps_the_las
     for hist in sorted((tmp_path / "m" / "folds").glob("*/history.csv")):
         assert len(pd.read_csv(hist)) == 6  # patience is moot without validation bags: all epochs run
     assert (pd.read_csv(tmp_path / "m" / "metrics.csv").best_epoch == 6).all()
+    train_bags(bags, tmp_path / "m", cfg.model_copy(update={"n_repeats": 2}))  # more repeats reuse the folds done
+    m = pd.read_csv(tmp_path / "m" / "metrics.csv")
+    assert m[m.repeat == 0].resumed.all() and not m[m.repeat == 1].resumed.any() and len(m) == 10
 
 
 def test_too_few_cases_for_the_folds_and_split_cases_are_refused():

@@ -231,6 +231,11 @@ def summarise_metrics(per_fold: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"stat": ["mean", "std"], **{c: [per_fold[c].mean(), per_fold[c].std(ddof=0)] for c in cols}})
 
 
+def _same_run(saved: dict, current: dict) -> bool:
+    """Whether a fold checkpoint was trained with these settings (more repeats reuse the folds done)."""
+    return {k: v for k, v in saved.items() if k != "n_repeats"} == {k: v for k, v in current.items() if k != "n_repeats"}
+
+
 def train_bags(
     bags: list[Bag],
     model_dir: str | Path,
@@ -243,8 +248,8 @@ def train_bags(
     """Run ``cfg.protocol`` on bags: the one code path of slide cohorts and bag tables.
 
     Writes to ``model_dir``: ``config.yaml``; per fold ``folds/r<repeat>_f<fold>/checkpoint.pt``
-    and ``history.csv`` (a fold whose checkpoint exists with the same config is resumed from it,
-    not retrained); ``predictions.csv`` (slide_id, repeat, fold, split, probability, prediction,
+    and ``history.csv`` (a fold whose checkpoint exists with the same config, ``n_repeats`` aside,
+    is resumed from it, not retrained); ``predictions.csv`` (slide_id, repeat, fold, split, probability, prediction,
     label: test bags of every fold under CV, every bag under holdout/split_column);
     ``metrics.csv`` (test metrics per fold), ``metrics_summary.csv`` (mean and std over folds).
     Holdout and split_column also write ``checkpoint.pt`` (the model the heatmap stage uses).
@@ -269,7 +274,7 @@ def train_bags(
         resumed = False
         if ckpt_path.is_file():
             model, std, meta = load_checkpoint(ckpt_path)
-            resumed = meta["config"] == cfg.model_dump() and meta["split"] == f.split
+            resumed = _same_run(meta["config"], cfg.model_dump()) and meta["split"] == f.split
         if not resumed:
             model, std, history, best_epoch = fit(train, val, cfg, seed=cfg.seed + 7919 * f.repeat + 101 * f.fold, console=console)
             fold_dir.mkdir(parents=True, exist_ok=True)
