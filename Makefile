@@ -41,5 +41,6 @@ slurm-test: $(STAMP) ## one-node Slurm on localhost (root; installs slurm, munge
 hadolint: $(STAMP) ## lint docker/Dockerfile
 	$(VENV)/bin/hadolint docker/Dockerfile
 
-docker-test: $(STAMP) ## build docker/Dockerfile with podman from a local Debian base and run a tiny cohort in it (root)
+docker-test: $(STAMP) ## build docker/Dockerfile with podman from a local Debian base and run a tiny cohort in it (root; installs podman, runc, debootstrap)
+	command -v podman >/dev/null && command -v runc >/dev/null && command -v debootstrap >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman buildah runc debootstrap fuse-overlayfs; }
 	bash docker/build_test.sh

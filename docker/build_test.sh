@@ -2,13 +2,18 @@
 # Build docker/Dockerfile with podman here (no Docker engine, no registry access) and run a tiny
 # cohort inside the image.
 #
-#   docker/build_test.sh [WORK_DIR]          (as root; Debian bookworm host)
+#   docker/build_test.sh [WORK_DIR]          (as root; Debian bookworm host; ~15 GB of disk)
 #
 # No base image can be pulled, so the test base is made locally: debootstrap bookworm + python3
-# + pip, plus torch and torchvision copied from this checkout's .venv (the CPU pair that works
-# here; PyPI's default torch wheel is a multi-GB CUDA build). That base is imported with
-# `podman import` and passed as BASE_IMAGE, which is what a CUDA PyTorch base provides on GPU
-# nodes. pip inside the build reaches PyPI for the other pinned dependencies.
+# + pip, plus the CUDA build of torch and torchvision with every package they depend on (the
+# nvidia-* CUDA libraries included) copied file by file, from each distribution's RECORD, out of
+# this checkout's .venv. That is what a CUDA PyTorch base image holds. It is imported with
+# `podman import` and passed as BASE_IMAGE; pip inside the build reaches PyPI for the rest.
+#
+# Podman runs with runc, chroot isolation for the build (docker format, so SHELL applies) and its
+# own overlay store under WORK_DIR.
+# Containers get explicit ulimits: podman's defaults raise the open-files and processes hard
+# limits, which needs CAP_SYS_RESOURCE, and sandboxed CI machines often lack it.
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 WORK="$(realpath -m "${1:-/tmp/wsimil-docker-test}")"
@@ -18,22 +23,49 @@ IMAGE=localhost/wsimil:test
 for tool in podman debootstrap runc; do
   command -v "$tool" >/dev/null || { echo "build_test.sh: $tool not found; apt-get install podman buildah runc debootstrap" >&2; exit 2; }
 done
-PODMAN=(podman --runtime runc --storage-driver vfs)
+[ -x "$VENV/bin/python" ] || { echo "build_test.sh: no $VENV; run 'make setup' first" >&2; exit 2; }
 mkdir -p "$WORK"
+PODMAN=(podman --root "$WORK/storage" --runroot "$WORK/run-state" --runtime runc --storage-driver overlay)
+RUN=("${PODMAN[@]}" run --rm --ulimit nofile=16384:16384 --ulimit nproc=16384:16384)
 
 if ! "${PODMAN[@]}" image exists "$BASE"; then
   ROOTFS="$WORK/rootfs"
   rm -rf "$ROOTFS"
+  echo "debootstrap bookworm -> $ROOTFS (log: $WORK/debootstrap.log)"
   debootstrap --variant=minbase --include=python3,python3-pip,python3-venv,ca-certificates,passwd \
     bookworm "$ROOTFS" http://deb.debian.org/debian >"$WORK/debootstrap.log" 2>&1
-  # torch + torchvision (and their own dependencies) from the local venv, as a CUDA base has them
-  SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-  DEST="$ROOTFS/usr/local/lib/python3.11/dist-packages"
-  mkdir -p "$DEST"
-  for pkg in torch torchvision functorch torchgen sympy mpmath networkx jinja2 markupsafe filelock fsspec typing_extensions numpy numpy.libs pillow pillow.libs PIL; do
-    for d in "$SITE"/$pkg "$SITE"/$pkg-*.dist-info "$SITE"/${pkg}*.libs; do [ -e "$d" ] && cp -a "$d" "$DEST/"; done
-  done
-  cp -a "$SITE"/typing_extensions.py "$DEST/" 2>/dev/null || true
+  # torch + torchvision and their whole dependency closure, as installed in the venv
+  "$VENV/bin/python" - "$ROOTFS/usr/local/lib/python3.11/dist-packages" <<'PY'
+import shutil, sys
+from importlib import metadata
+from pathlib import Path
+
+from packaging.requirements import Requirement
+
+dest = Path(sys.argv[1])
+todo, seen = [Requirement("torch"), Requirement("torchvision")], set()
+while todo:
+    req = todo.pop()
+    key = (req.name.lower().replace("_", "-"), frozenset(req.extras))
+    if key in seen:
+        continue
+    try:
+        dist = metadata.distribution(req.name)
+    except metadata.PackageNotFoundError:
+        continue  # an optional dependency that is not installed
+    seen.add(key)
+    for r in map(Requirement, dist.requires or []):  # requirements, with those of the extras asked for
+        if r.marker is None or any(r.marker.evaluate({"extra": e}) for e in req.extras or {""}):
+            todo.append(r)
+    for f in dist.files or []:
+        src = Path(dist.locate_file(f))
+        if src.is_file() and ".." not in f.parts:
+            out = dest / f
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, out)
+seen = {name for name, _ in seen}
+print(f"copied {len(seen)} distributions: {', '.join(sorted(seen))}")
+PY
   rm -f "$ROOTFS"/usr/lib/python3*/EXTERNALLY-MANAGED   # a base image's pip installs system-wide
   tar -C "$ROOTFS" -c . | "${PODMAN[@]}" import - "$BASE"
   rm -rf "$ROOTFS"
@@ -45,14 +77,14 @@ printf 'FROM %s\nCOPY ca-certificates.crt /etc/ssl/certs/ca-certificates.crt\n' 
 "${PODMAN[@]}" build --isolation chroot -t "$BASE-ca" "$CTX"
 
 START=$(date +%s)
-"${PODMAN[@]}" build --isolation chroot --network host -f "$REPO/docker/Dockerfile" \
+"${PODMAN[@]}" build --format docker --isolation chroot --network host -f "$REPO/docker/Dockerfile" \
   --build-arg BASE_IMAGE="$BASE-ca" -t "$IMAGE" "$REPO"
 echo "build: $(( $(date +%s) - START )) s"
-"${PODMAN[@]}" image ls "$IMAGE" --format '{{.Repository}}:{{.Tag}} {{.Size}}'
-echo "base: $("${PODMAN[@]}" image ls "$BASE" --format '{{.Size}}')"
+echo "image: $("${PODMAN[@]}" image ls "$IMAGE" --format '{{.Size}}')  base: $("${PODMAN[@]}" image ls "$BASE" --format '{{.Size}}')"
+"${PODMAN[@]}" history "$IMAGE" --format '{{.Size}}\t{{.CreatedBy}}' | head -8 | cut -c1-150
 
-"${PODMAN[@]}" run --rm "$IMAGE" --help
-rm -rf "$WORK/run"; mkdir -p "$WORK/run"; chmod 777 "$WORK/run"
-"${PODMAN[@]}" run --rm -v "$WORK/run:/runs" "$IMAGE" synth /runs/cohort --n-slides 6 --size-px 1024
-"${PODMAN[@]}" run --rm -v "$WORK/run:/runs" -v "$REPO/configs:/configs:ro" "$IMAGE" demo --out /runs/demo --n-slides 6 --size-px 1024
-ls "$WORK"/run/demo/heatmaps/*/*.png
+"${RUN[@]}" "$IMAGE" --help
+rm -rf "$WORK/out"; mkdir -p "$WORK/out"; chmod 777 "$WORK/out"
+"${RUN[@]}" -v "$WORK/out:/runs" "$IMAGE" demo --out /runs/demo --n-slides 6 --size-px 4096
+ls "$WORK"/out/demo/heatmaps/*/*.png
+echo "build_test.sh: OK"
