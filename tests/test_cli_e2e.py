@@ -70,6 +70,12 @@ def test_four_stages_end_to_end(cohort):
     metrics = pd.read_csv(model_dir / "metrics.csv")
     assert {"accuracy", "precision", "recall", "f1", "auc"} <= set(metrics.columns)
     assert (model_dir / "checkpoint.pt").exists()
+    # Over the memory budget the slides are read from their stores at each use: same model.
+    r = _run(["train", run, "--encoder", "efficientnet_lite0", "--epochs", 5, "--seed", 1, "--name", "streamed", "--memory-budget-gb", 1e-6])
+    assert r.exit_code == 0, r.output
+    assert "read from their stores" in r.output
+    streamed = pd.read_csv(run / "models" / "streamed" / "predictions.csv")
+    np.testing.assert_allclose(streamed.probability, pred.probability, atol=1e-5)
 
     r = _run(["heatmap", run, "--model", "gated_attention", "--thumbnail-px", 256])
     assert r.exit_code == 1  # broken slide again

@@ -91,3 +91,33 @@ def test_max_instances_subsamples_training_steps_only(monkeypatch):
     assert set(seen["eval"]) == {len(b.features) for b in bags[8:]}  # validation sees every instance
     _, outs = predict_bags(net, [std(b.features) for b in bags[8:]])
     assert [o.attention.shape[1] for o in outs] == [len(b.features) for b in bags[8:]]
+
+
+def test_bags_over_the_memory_budget_are_read_from_their_stores_with_the_same_result(tmp_path):
+    """Zarr-backed bags (cohorts over budget) train and predict exactly like bags in memory."""
+    import zarr
+
+    from wsimil.bags import BagTensors
+
+    torch.set_num_threads(1)
+    bags, _ = make_bags(14, seed=3)
+    stored = []
+    for b in bags:
+        arr = zarr.create_array(str(tmp_path / f"{b.bag_id}.zarr"), shape=b.features.shape, dtype="float32", chunks=(16, b.features.shape[1]))
+        arr[...] = b.features
+        stored.append(Bag(b.bag_id, zarr.open_array(str(tmp_path / f"{b.bag_id}.zarr"), mode="r"), b.label, b.group))
+    cfg = TrainConfig(model="gated_attention", epochs=3, patience=3, hidden_dim=8, attention_dim=4, max_instances=25, seed=1)
+    net_a, std_a, hist_a, _ = fit(bags[:10], bags[10:], cfg)
+    half = sum(b.features.nbytes for b in bags[:5]) / 2**30  # about a third of the bags fit
+    net_b, std_b, hist_b, _ = fit(stored[:10], stored[10:], cfg, memory_budget_gb=half)
+    np.testing.assert_allclose(std_a.mean, std_b.mean, rtol=1e-6)
+    np.testing.assert_allclose(hist_a.train_loss, hist_b.train_loss, rtol=1e-5)
+    tensors = BagTensors(stored[10:], std_b, budget_bytes=0)
+    assert tensors.n_streamed == 4 and not tensors.cached  # nothing held: all read on use
+    pa, _ = predict_bags(net_a, [std_a(b.features) for b in bags[10:]])
+    pb, _ = predict_bags(net_b, tensors)
+    np.testing.assert_allclose(pa, pb, rtol=1e-5)
+    order = [3, 0, 2, 1, 3]
+    assert [i for i, _ in tensors.items(order)] == order  # read-ahead keeps the order asked for
+    for i, x in tensors.items(order):
+        np.testing.assert_array_equal(x.numpy(), std_b(bags[10 + i].features).numpy())

@@ -15,12 +15,74 @@ import pandas as pd
 
 @dataclass
 class Bag:
-    """One bag: a slide's (or a table bag's) instance features and its label."""
+    """One bag: a slide's (or a table bag's) instance features and its label.
+
+    ``features`` is an (N, D) float32 array in memory, or, for cohorts over the memory budget,
+    the slide's Zarr array (read when the bag is used; see :class:`BagTensors`).
+    """
 
     bag_id: str
-    features: np.ndarray  # (N, D) float32
+    features: np.ndarray  # (N, D) float32, or a zarr.Array of shape (N, D)
     label: int
     group: str  # case_id, or bag_id when there is none
+
+
+def read_rows(features, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Rows ``start:stop`` of a bag's features as float32 (an in-memory array is not copied)."""
+    if isinstance(features, np.ndarray) and features.dtype == np.float32:
+        return features[start:stop]
+    return np.asarray(features[start:stop], dtype=np.float32)
+
+
+class BagTensors:
+    """The bags' standardised float32 tensors: held in memory up to a byte budget, the rest
+    read from their stores when needed, one bag ahead in a background thread.
+
+    Parameters
+    ----------
+    bags : list of Bag
+    transform : callable
+        (N, D) float32 array -> tensor (the training standardiser).
+    budget_bytes : int
+        Bags are kept in memory in order while their float32 size fits; the others are read
+        (and transformed) on each use.
+    """
+
+    def __init__(self, bags: list[Bag], transform, *, budget_bytes: float):
+        self.bags, self.transform = bags, transform
+        self.cached: dict[int, object] = {}
+        used = 0
+        for i, b in enumerate(bags):
+            nbytes = b.features.shape[0] * b.features.shape[1] * 4
+            if isinstance(b.features, np.ndarray) or used + nbytes <= budget_bytes:
+                self.cached[i] = transform(read_rows(b.features))
+                used += nbytes
+        self.n_streamed = len(bags) - len(self.cached)
+
+    def __len__(self) -> int:
+        return len(self.bags)
+
+    def __getitem__(self, i: int):
+        return self.cached[i] if i in self.cached else self.transform(read_rows(self.bags[i].features))
+
+    def items(self, order):
+        """Yield ``(i, tensor)`` for the indices in ``order``, reading the next streamed bag ahead."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        order = list(order)
+        if self.n_streamed == 0:
+            yield from ((i, self.cached[i]) for i in order)
+            return
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            ahead = {}
+            for k, i in enumerate(order):
+                for j in order[k : k + 2]:  # this bag and the next
+                    if j not in self.cached and j not in ahead:
+                        ahead[j] = pool.submit(self.__getitem__, j)
+                yield i, (ahead.pop(i).result() if i in ahead else self.cached[i])
+
+    def __iter__(self):
+        return (x for _, x in self.items(range(len(self))))
 
 
 def load_slide_bags(
@@ -34,7 +96,9 @@ def load_slide_bags(
     """Load the feature bags of the manifest's slides.
 
     Slides without a feature store or with 0 tiles are skipped (and reported). The total size is
-    checked against ``memory_budget_gb`` before anything is loaded. ``case_id`` (when present)
+    checked against ``memory_budget_gb`` before anything is loaded: within it, features are read
+    into memory; over it, each bag keeps its Zarr array and is read when used (training caches
+    what fits the budget, see :class:`BagTensors`). ``case_id`` (when present)
     becomes the bag's group, so splits keep a patient's slides together.
 
     Returns
@@ -59,17 +123,19 @@ def load_slide_bags(
             continue
         total_bytes += n * d * 4
         present.append((rec, g))
-    if total_bytes > memory_budget_gb * 2**30:
-        raise MemoryError(
-            f"{features_dir}: the cohort's features need {total_bytes / 2**30:.1f} GiB as float32, over the "
-            f"{memory_budget_gb} GiB budget; raise --memory-budget-gb or train on fewer slides"
+    stream = total_bytes > memory_budget_gb * 2**30
+    if stream and console is not None:
+        console.print(
+            f"the features need {total_bytes / 2**30:.1f} GiB as float32, over the {memory_budget_gb} GiB budget: "
+            "training keeps what fits in memory and reads the other slides from their stores at each use"
         )
     bags = []
     for rec, g in present:
         label = getattr(rec, label_column)
         case = getattr(rec, "case_id", None)
         group = str(case) if case is not None and not pd.isna(case) else str(rec.slide_id)
-        bags.append(Bag(str(rec.slide_id), np.asarray(g["features"][...], dtype=np.float32), int(label), group))
+        feats = g["features"] if stream else np.asarray(g["features"][...], dtype=np.float32)
+        bags.append(Bag(str(rec.slide_id), feats, int(label), group))
     if console is not None:
         for s in skipped:
             console.print(f"[yellow]skip[/yellow] {s['slide_id']}: {s['reason']}")

@@ -208,7 +208,7 @@ def embed(run_dir, manifest, config_file, encoder, checkpoint, no_pretrained, ba
 @click.option("--max-instances", type=int, default=None, help="Instances sampled per bag per training step (never at evaluation).")
 @click.option("--seed", type=int, default=None)
 @click.option("--label-column", default=None)
-@click.option("--memory-budget-gb", type=float, default=8.0, show_default=True, help="Refuse to load more features than this.")
+@click.option("--memory-budget-gb", type=float, default=8.0, show_default=True, help="Features held in memory for training; slides beyond it are read from their stores at each use.")
 def train(run_dir, manifest, config_file, encoder, bag_table, model, name, protocol, n_folds, n_repeats, epochs, max_instances, seed, label_column, memory_budget_gb):
     """Train a MIL model on the slide features (or a bag table) -> RUN_DIR/models/<name>/."""
     from .bags import read_mil_table

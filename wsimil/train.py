@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .bags import Bag, load_slide_bags, read_mil_table
+from .bags import Bag, BagTensors, load_slide_bags, read_mil_table, read_rows
 from .config import TrainConfig, save_config
 from .cv import Fold, column_split, holdout_split, kfold_splits
 from .mil import create_mil
@@ -61,15 +61,24 @@ class Standardiser:
         self.std = np.maximum(std, 1e-6).astype(np.float32)
 
     @classmethod
-    def fit(cls, bags: list[Bag]) -> Standardiser:
-        n = sum(len(b.features) for b in bags)
-        s = sum(b.features.sum(0, dtype=np.float64) for b in bags)
-        mean = s / n
-        ss = sum(((b.features - mean) ** 2).sum(0, dtype=np.float64) for b in bags)
+    def fit(cls, bags: list[Bag], *, block: int = 65536) -> Standardiser:
+        """Two passes over the bags; bags kept in their stores are read ``block`` rows at a time."""
+
+        def blocks(f):
+            if isinstance(f, np.ndarray):
+                yield f
+            else:
+                for start in range(0, f.shape[0], block):
+                    yield read_rows(f, start, start + block)
+
+        n = sum(b.features.shape[0] for b in bags)
+        mean = sum(x.sum(0, dtype=np.float64) for b in bags for x in blocks(b.features)) / n
+        ss = sum(((x - mean) ** 2).sum(0, dtype=np.float64) for b in bags for x in blocks(b.features))
         return cls(mean, np.sqrt(ss / max(n - 1, 1)))
 
-    def __call__(self, features: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy((features - self.mean) / self.std)
+    def __call__(self, features) -> torch.Tensor:
+        """(N, D) features (array or Zarr array) -> standardised float32 tensor (N, D)."""
+        return torch.from_numpy((read_rows(features) - self.mean) / self.std)
 
 
 def bag_loss(model, x: torch.Tensor, y: float, loss_fn) -> torch.Tensor:
@@ -78,8 +87,8 @@ def bag_loss(model, x: torch.Tensor, y: float, loss_fn) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def predict_bags(model, tensors: list[torch.Tensor]) -> tuple[np.ndarray, list]:
-    """Bag probabilities (K,) and per-bag MIL outputs for a list of (N, D) tensors."""
+def predict_bags(model, tensors) -> tuple[np.ndarray, list]:
+    """Bag probabilities (K,) and per-bag MIL outputs for K (N, D) tensors (any iterable)."""
     model.eval()
     probs, outs = [], []
     for x in tensors:
@@ -105,13 +114,14 @@ def model_kwargs(cfg: TrainConfig) -> dict:
 
 
 def fit(
-    train: list[Bag], val: list[Bag], cfg: TrainConfig, *, seed: int | None = None, console=None
+    train: list[Bag], val: list[Bag], cfg: TrainConfig, *, seed: int | None = None, memory_budget_gb: float = 8.0, console=None
 ) -> tuple[torch.nn.Module, Standardiser, pd.DataFrame, int]:
     """Train a MIL model, one bag per step; early stopping on the validation loss; returns the best model.
 
     Features are standardised with statistics of ``train`` only. Bags longer than
     ``cfg.max_instances`` are subsampled per step (training only). Class imbalance is
-    handled by ``cfg.balance``.
+    handled by ``cfg.balance``. Bags held in their stores (over-budget cohorts) are cached in
+    memory up to ``memory_budget_gb`` and the rest read ahead of each step (:class:`BagTensors`).
 
     Returns
     -------
@@ -122,8 +132,11 @@ def fit(
     rng = np.random.default_rng(seed)
     in_dim = train[0].features.shape[1]
     std = Standardiser.fit(train) if cfg.standardise else Standardiser(np.zeros(in_dim), np.ones(in_dim))
-    xs_train = [std(b.features) for b in train]
-    xs_val = [std(b.features) for b in val]
+    budget = memory_budget_gb * 2**30
+    xs_train = BagTensors(train, std, budget_bytes=budget * len(train) / max(len(train) + len(val), 1))
+    xs_val = BagTensors(val, std, budget_bytes=budget * len(val) / max(len(train) + len(val), 1))
+    if console is not None and xs_train.n_streamed + xs_val.n_streamed:
+        console.print(f"  {xs_train.n_streamed + xs_val.n_streamed} of {len(train) + len(val)} bags read from their stores at each use")
     y_train = np.array([b.label for b in train], np.float32)
     y_val = np.array([b.label for b in val], np.float32)
 
@@ -147,8 +160,7 @@ def fit(
             order = rng.choice(len(xs_train), len(xs_train), replace=True, p=p_sample)
         else:
             order = rng.permutation(len(xs_train))
-        for i in order:
-            x = xs_train[i]
+        for i, x in xs_train.items(order):
             if cfg.max_instances and len(x) > cfg.max_instances:
                 x = x[torch.from_numpy(rng.choice(len(x), cfg.max_instances, replace=False))]
             loss = bag_loss(model, x, y_train[i], loss_fn)
@@ -243,6 +255,7 @@ def train_bags(
     *,
     encoder: str | None = None,
     split_values: dict[str, str] | None = None,
+    memory_budget_gb: float = 8.0,
     console=None,
 ) -> dict:
     """Run ``cfg.protocol`` on bags: the one code path of slide cohorts and bag tables.
@@ -276,14 +289,16 @@ def train_bags(
             model, std, meta = load_checkpoint(ckpt_path)
             resumed = _same_run(meta["config"], cfg.model_dump()) and meta["split"] == f.split
         if not resumed:
-            model, std, history, best_epoch = fit(train, val, cfg, seed=cfg.seed + 7919 * f.repeat + 101 * f.fold, console=console)
+            model, std, history, best_epoch = fit(
+                train, val, cfg, seed=cfg.seed + 7919 * f.repeat + 101 * f.fold, memory_budget_gb=memory_budget_gb, console=console
+            )
             fold_dir.mkdir(parents=True, exist_ok=True)
             history.to_csv(fold_dir / "history.csv", index=False)
             save_checkpoint(ckpt_path, model, std, cfg, encoder=encoder, best_epoch=best_epoch, split=f.split, repeat=f.repeat, fold=f.fold)
         else:
             best_epoch = meta["best_epoch"]
         shown = bags if len(folds) == 1 else [b for b in bags if f.split[b.bag_id] == "test"]
-        probs, _ = predict_bags(model, [std(b.features) for b in shown])
+        probs, _ = predict_bags(model, BagTensors(shown, std, budget_bytes=0))
         for b, p in zip(shown, probs, strict=True):
             pred_rows.append({"slide_id": b.bag_id, "repeat": f.repeat, "fold": f.fold, "split": f.split[b.bag_id], "probability": float(p), "prediction": int(p >= 0.5), "label": b.label})
         test = [(b.label, p) for b, p in zip(shown, probs, strict=True) if f.split[b.bag_id] == "test"]
@@ -336,7 +351,7 @@ def run_train(
     split_values = None
     if cfg.protocol == "split_column" and cfg.split_column in manifest.columns:
         split_values = dict(zip(manifest.slide_id.astype(str), manifest[cfg.split_column], strict=True))
-    res = train_bags(bags, out_dir / "models" / cfg.name, cfg, encoder=encoder, split_values=split_values, console=console)
+    res = train_bags(bags, out_dir / "models" / cfg.name, cfg, encoder=encoder, split_values=split_values, memory_budget_gb=memory_budget_gb, console=console)
     return {**res, "skipped": skipped}
 
 
