@@ -50,13 +50,17 @@ def test_four_stages_end_to_end(cohort):
     status = _status(run / "tiles" / "status.jsonl")
     assert status["broken"]["status"] == "error" and all(status[s]["status"] == "ok" for s in good)
 
-    r = _run(["embed", run, "--encoder", "efficientnet_lite0", "--batch-size", 32, "--num-workers", 1])
+    r = _run(
+        ["embed", run, "--encoder", "efficientnet_lite0", "--batch-size", 32, "--num-workers", 1]
+    )
     assert r.exit_code == 1
     for sid in good:
         g = open_store(run / "features" / "efficientnet_lite0" / f"{sid}.zarr")
         feats = g["features"][...]
         assert feats.dtype == np.float16 and feats.shape[1] == 1280
-        np.testing.assert_array_equal(g["coords"][...], open_store(run / "tiles" / f"{sid}.zarr")["coords"][...])
+        np.testing.assert_array_equal(
+            g["coords"][...], open_store(run / "tiles" / f"{sid}.zarr")["coords"][...]
+        )
         assert g.attrs["encoder"]["name"] == "efficientnet_lite0"
         assert np.isfinite(feats.astype(np.float32)).all()
 
@@ -71,7 +75,22 @@ def test_four_stages_end_to_end(cohort):
     assert {"accuracy", "precision", "recall", "f1", "auc"} <= set(metrics.columns)
     assert (model_dir / "checkpoint.pt").exists()
     # Over the memory budget the slides are read from their stores at each use: same model.
-    r = _run(["train", run, "--encoder", "efficientnet_lite0", "--epochs", 5, "--seed", 1, "--name", "streamed", "--memory-budget-gb", 1e-6])
+    r = _run(
+        [
+            "train",
+            run,
+            "--encoder",
+            "efficientnet_lite0",
+            "--epochs",
+            5,
+            "--seed",
+            1,
+            "--name",
+            "streamed",
+            "--memory-budget-gb",
+            1e-6,
+        ]
+    )
     assert r.exit_code == 0, r.output
     assert "read from their stores" in r.output
     streamed = pd.read_csv(run / "models" / "streamed" / "predictions.csv")
@@ -87,7 +106,9 @@ def test_four_stages_end_to_end(cohort):
         assert t.attention_scaled.min() == 0 and t.attention_scaled.max() == pytest.approx(1.0)
     hp = pd.read_csv(hm / "predictions.csv")
     np.testing.assert_allclose(
-        hp.set_index("slide_id").probability.sort_index(), pred.set_index("slide_id").probability.sort_index(), atol=1e-5
+        hp.set_index("slide_id").probability.sort_index(),
+        pred.set_index("slide_id").probability.sort_index(),
+        atol=1e-5,
     )
 
     # Re-running a stage skips complete slides; other settings are refused, not mixed.
@@ -98,9 +119,16 @@ def test_four_stages_end_to_end(cohort):
 
 
 def test_help_is_fast_and_lists_the_stages():
-    out = subprocess.run([sys.executable, "-m", "wsimil.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "wsimil.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     for cmd in ("tile", "embed", "train", "heatmap", "demo", "synth"):
         assert cmd in out
     # Heavy libraries are imported inside the commands, not at import time.
     code = "import sys, wsimil.cli; print(any(m in sys.modules for m in ('torch', 'timm', 'openslide', 'zarr')))"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    assert (
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        == "False"
+    )

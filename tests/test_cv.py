@@ -35,7 +35,9 @@ def test_kfold_never_puts_a_case_in_train_and_test_and_covers_each_case_once_per
     bags = toy_bags(40)
     folds = kfold_splits(bags, n_folds=5, n_repeats=2, val_fraction=0.2, seed=3)
     assert len(folds) == 10
-    assert [f.split for f in folds] == [f.split for f in kfold_splits(bags, n_folds=5, n_repeats=2, val_fraction=0.2, seed=3)]
+    assert [f.split for f in folds] == [
+        f.split for f in kfold_splits(bags, n_folds=5, n_repeats=2, val_fraction=0.2, seed=3)
+    ]
     for f in folds:
         where = {}
         for b in bags:
@@ -45,7 +47,9 @@ def test_kfold_never_puts_a_case_in_train_and_test_and_covers_each_case_once_per
         assert test_labels == {0, 1}  # stratified
         assert {"train", "val", "test"} == set(f.split.values())
     for r in (0, 1):
-        tested = [b.bag_id for f in folds if f.repeat == r for b in bags if f.split[b.bag_id] == "test"]
+        tested = [
+            b.bag_id for f in folds if f.repeat == r for b in bags if f.split[b.bag_id] == "test"
+        ]
         assert sorted(tested) == sorted(b.bag_id for b in bags)
     assert folds[0].split != folds[5].split  # repeats reshuffle
 
@@ -55,12 +59,26 @@ def test_no_validation_split_trains_on_the_whole_training_fold_and_keeps_the_las
     folds = kfold_splits(bags, n_folds=5, n_repeats=1, val_fraction=0.0, seed=0)
     assert all(set(f.split.values()) == {"train", "test"} for f in folds)
     torch.set_num_threads(1)
-    cfg = TrainConfig(model="attention", protocol="cv", n_folds=5, n_repeats=1, val_fraction=0.0, epochs=6, patience=1, hidden_dim=16, attention_dim=8)
+    cfg = TrainConfig(
+        model="attention",
+        protocol="cv",
+        n_folds=5,
+        n_repeats=1,
+        val_fraction=0.0,
+        epochs=6,
+        patience=1,
+        hidden_dim=16,
+        attention_dim=8,
+    )
     train_bags(bags, tmp_path / "m", cfg)
     for hist in sorted((tmp_path / "m" / "folds").glob("*/history.csv")):
-        assert len(pd.read_csv(hist)) == 6  # patience is moot without validation bags: all epochs run
+        assert (
+            len(pd.read_csv(hist)) == 6
+        )  # patience is moot without validation bags: all epochs run
     assert (pd.read_csv(tmp_path / "m" / "metrics.csv").best_epoch == 6).all()
-    train_bags(bags, tmp_path / "m", cfg.model_copy(update={"n_repeats": 2}))  # more repeats reuse the folds done
+    train_bags(
+        bags, tmp_path / "m", cfg.model_copy(update={"n_repeats": 2})
+    )  # more repeats reuse the folds done
     m = pd.read_csv(tmp_path / "m" / "metrics.csv")
     assert m[m.repeat == 0].resumed.all() and not m[m.repeat == 1].resumed.any() and len(m) == 10
 
@@ -68,7 +86,10 @@ def test_no_validation_split_trains_on_the_whole_training_fold_and_keeps_the_las
 def test_too_few_cases_for_the_folds_and_split_cases_are_refused():
     with pytest.raises(ValueError, match="lower n_folds"):
         kfold_splits(toy_bags(6), n_folds=5, n_repeats=1, val_fraction=0.2, seed=0)
-    bags = [Bag("a", np.zeros((1, 2), np.float32), 0, "p1"), Bag("b", np.zeros((1, 2), np.float32), 0, "p1")]
+    bags = [
+        Bag("a", np.zeros((1, 2), np.float32), 0, "p1"),
+        Bag("b", np.zeros((1, 2), np.float32), 0, "p1"),
+    ]
     with pytest.raises(ValueError, match="case p1"):
         column_split(bags, {"a": "train", "b": "test"})
     with pytest.raises(ValueError, match="slide a"):
@@ -79,7 +100,10 @@ def test_bag_table_reader(tmp_path):
     p = tmp_path / "t.csv"
     p.write_text("1,7,0.5,1.0\n1,7,0.1,2.0\n0,3,9.0,9.0\n")
     bags = read_mil_table(p)
-    assert [(b.bag_id, b.label, b.features.shape) for b in bags] == [("7", 1, (2, 2)), ("3", 0, (1, 2))]
+    assert [(b.bag_id, b.label, b.features.shape) for b in bags] == [
+        ("7", 1, (2, 2)),
+        ("3", 0, (1, 2)),
+    ]
     p.write_text("label,bag,f0\n1,7,0.5\n")
     with pytest.raises(ValueError, match="no header"):
         read_mil_table(p)
@@ -88,7 +112,9 @@ def test_bag_table_reader(tmp_path):
         read_mil_table(p)
 
 
-@pytest.mark.skipif(not (MIL_DATA / "musk1.csv").is_file(), reason="real MIL data not at ../shared/data/mil")
+@pytest.mark.skipif(
+    not (MIL_DATA / "musk1.csv").is_file(), reason="real MIL data not at ../shared/data/mil"
+)
 def test_reads_real_musk1():
     bags = read_mil_table(MIL_DATA / "musk1.csv")
     assert len(bags) == 92 and sum(b.label for b in bags) == 47
@@ -98,7 +124,17 @@ def test_reads_real_musk1():
 def test_cv_writes_fold_outputs_and_resumes_from_checkpoints(tmp_path):
     torch.set_num_threads(1)
     bags = toy_bags(24, seed=1)
-    cfg = TrainConfig(model="attention", protocol="cv", n_folds=3, n_repeats=1, epochs=8, patience=8, hidden_dim=16, attention_dim=8, lr=3e-3)
+    cfg = TrainConfig(
+        model="attention",
+        protocol="cv",
+        n_folds=3,
+        n_repeats=1,
+        epochs=8,
+        patience=8,
+        hidden_dim=16,
+        attention_dim=8,
+        lr=3e-3,
+    )
     res = train_bags(bags, tmp_path / "m", cfg)
     pred = pd.read_csv(tmp_path / "m" / "predictions.csv")
     assert {"slide_id", "repeat", "fold", "probability", "prediction", "label"} <= set(pred.columns)
@@ -127,7 +163,23 @@ def test_cli_trains_on_a_bag_table_through_the_same_path(tmp_path):
         rows += [[b.label, b.bag_id, *x] for x in b.features]
     table = tmp_path / "bags.csv"
     pd.DataFrame(rows).to_csv(table, header=False, index=False)
-    r = CliRunner().invoke(main, ["train", str(tmp_path / "run"), "--bags", str(table), "--model", "gated_attention", "--protocol", "cv", "--folds", "3", "--epochs", "3"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "train",
+            str(tmp_path / "run"),
+            "--bags",
+            str(table),
+            "--model",
+            "gated_attention",
+            "--protocol",
+            "cv",
+            "--folds",
+            "3",
+            "--epochs",
+            "3",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert len(pd.read_csv(tmp_path / "run" / "models" / "gated_attention" / "metrics.csv")) == 3
     bad = tmp_path / "bad.csv"
@@ -138,7 +190,14 @@ def test_cli_trains_on_a_bag_table_through_the_same_path(tmp_path):
 
 def test_lenet_instance_transform_for_image_bags():
     torch.manual_seed(0)
-    m = create_mil("gated_attention", 784, instance_encoder="lenet", hidden_dim=500, attention_dim=128, dropout=0.0).eval()
+    m = create_mil(
+        "gated_attention",
+        784,
+        instance_encoder="lenet",
+        hidden_dim=500,
+        attention_dim=128,
+        dropout=0.0,
+    ).eval()
     x = torch.rand(2, 6, 784)
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]], dtype=torch.bool)
     out = m(x, mask)
@@ -147,4 +206,6 @@ def test_lenet_instance_transform_for_image_bags():
     perm = torch.tensor([2, 0, 1, 5, 4, 3])
     out_p = m(x[:, perm], mask[:, perm])
     torch.testing.assert_close(out_p.logits, out.logits, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(m(x[1:, :3]).logits, out.logits[1:], atol=1e-5, rtol=1e-5)  # padding ignored
+    torch.testing.assert_close(
+        m(x[1:, :3]).logits, out.logits[1:], atol=1e-5, rtol=1e-5
+    )  # padding ignored

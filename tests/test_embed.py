@@ -36,7 +36,18 @@ def cohort(tmp_path_factory):
 def _job(run, sid, *, reader, group):
     g = open_store(run / "tiles" / f"{sid}.zarr")
     a = dict(g.attrs)
-    return SlideJob(sid, str(run / "slides" / f"{sid}.tiff"), None, g["coords"][...], a["read_level"], a["read_px"], a, a["stride_px_level0"], group, reader)
+    return SlideJob(
+        sid,
+        str(run / "slides" / f"{sid}.tiff"),
+        None,
+        g["coords"][...],
+        a["read_level"],
+        a["read_px"],
+        a,
+        a["stride_px_level0"],
+        group,
+        reader,
+    )
 
 
 def test_row_runs_group_horizontal_neighbours_only():
@@ -72,13 +83,20 @@ def test_features_do_not_depend_on_batch_size_or_reader(cohort, tmp_path):
     run, df = cohort
     one = df.iloc[:1]
     results = {}
-    for name, kw in {"b1": dict(batch_size=1, reader="openslide"), "b64": dict(batch_size=64, reader="tifffile")}.items():
+    for name, kw in {
+        "b1": dict(batch_size=1, reader="openslide"),
+        "b64": dict(batch_size=64, reader="tifffile"),
+    }.items():
         out = tmp_path / name
         (out / "tiles").mkdir(parents=True)
-        os.symlink(run / "tiles" / f"{one.slide_id[0]}.zarr", out / "tiles" / f"{one.slide_id[0]}.zarr")
+        os.symlink(
+            run / "tiles" / f"{one.slide_id[0]}.zarr", out / "tiles" / f"{one.slide_id[0]}.zarr"
+        )
         res = run_embed(one, out, EmbedConfig(encoder="efficientnet_lite0", num_workers=0, **kw))
         assert res.status.tolist() == ["ok"]
-        results[name] = open_store(out / "features" / "efficientnet_lite0" / f"{one.slide_id[0]}.zarr")["features"][...].astype(np.float32)
+        results[name] = open_store(
+            out / "features" / "efficientnet_lite0" / f"{one.slide_id[0]}.zarr"
+        )["features"][...].astype(np.float32)
     assert results["b1"].shape[0] > 10
     np.testing.assert_allclose(results["b1"], results["b64"], rtol=2e-2, atol=2e-2)
 
@@ -100,13 +118,25 @@ def test_corrupt_tile_fails_that_slide_only_and_leaves_no_store(tmp_path):
     run = tmp_path
     (run / "slides").mkdir()
     for i in range(2):
-        write_synthetic_slide(run / "slides" / f"s{i}.tiff", width_px=2048, height_px=2048, mpp=0.5, seed=20 + i)
-    pd.DataFrame({"slide_id": ["s0", "s1"], "path": ["slides/s0.tiff", "slides/s1.tiff"], "label": [0, 1]}).to_csv(run / "manifest.csv", index=False)
+        write_synthetic_slide(
+            run / "slides" / f"s{i}.tiff", width_px=2048, height_px=2048, mpp=0.5, seed=20 + i
+        )
+    pd.DataFrame(
+        {"slide_id": ["s0", "s1"], "path": ["slides/s0.tiff", "slides/s1.tiff"], "label": [0, 1]}
+    ).to_csv(run / "manifest.csv", index=False)
     df = read_manifest(run / "manifest.csv")
     run_tile(df, run, TILE)
-    _corrupt_one_tissue_tile(run / "slides" / "s0.tiff", open_store(run / "tiles" / "s0.zarr")["coords"][...])
-    res = run_embed(df, run, EmbedConfig(encoder="efficientnet_lite0", num_workers=1, batch_size=16)).set_index("slide_id")
-    assert res.status["s0"] == "error" and "s0.tiff" in res.message["s0"] and "JPEG" in res.message["s0"]
+    _corrupt_one_tissue_tile(
+        run / "slides" / "s0.tiff", open_store(run / "tiles" / "s0.zarr")["coords"][...]
+    )
+    res = run_embed(
+        df, run, EmbedConfig(encoder="efficientnet_lite0", num_workers=1, batch_size=16)
+    ).set_index("slide_id")
+    assert (
+        res.status["s0"] == "error"
+        and "s0.tiff" in res.message["s0"]
+        and "JPEG" in res.message["s0"]
+    )
     assert "\n" not in res.message["s0"]
     assert res.status["s1"] == "ok"
     feat_dir = run / "features" / "efficientnet_lite0"
@@ -124,15 +154,36 @@ def test_killed_run_resumes_and_gives_the_same_features(cohort, tmp_path):
     out = tmp_path / "killed"
     out.mkdir()
     os.symlink(run / "tiles", out / "tiles")
-    cmd = [sys.executable, "-m", "wsimil.cli", "embed", str(out), "--manifest", str(run / "manifest.csv"), "--encoder", "efficientnet_lite0", "--batch-size", "16", "--num-workers", "0"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "wsimil.cli",
+        "embed",
+        str(out),
+        "--manifest",
+        str(run / "manifest.csv"),
+        "--encoder",
+        "efficientnet_lite0",
+        "--batch-size",
+        "16",
+        "--num-workers",
+        "0",
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     feat_dir = out / "features" / "efficientnet_lite0"
     deadline = time.time() + 120
-    while time.time() < deadline and not (feat_dir.exists() and any(p.suffix == ".zarr" and not p.name.startswith(".") for p in feat_dir.iterdir())):
+    while time.time() < deadline and not (
+        feat_dir.exists()
+        and any(p.suffix == ".zarr" and not p.name.startswith(".") for p in feat_dir.iterdir())
+    ):
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    done_before = sorted(p.name for p in feat_dir.iterdir() if p.suffix == ".zarr" and not p.name.startswith("."))
+    done_before = sorted(
+        p.name for p in feat_dir.iterdir() if p.suffix == ".zarr" and not p.name.startswith(".")
+    )
     assert 1 <= len(done_before) < len(df), "kill should land mid-cohort"
 
     res = subprocess.run(cmd, capture_output=True, text=True)
@@ -144,7 +195,9 @@ def test_killed_run_resumes_and_gives_the_same_features(cohort, tmp_path):
         # Same tiles, same batches; CPU kernels may still round differently across processes
         # (about one float16 ulp on a few elements), so compare within that.
         np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), rtol=1e-2, atol=1e-3)
-    assert not [p for p in feat_dir.iterdir() if ".tmp-" in p.name], "stale temporary stores are cleaned up"
+    assert not [p for p in feat_dir.iterdir() if ".tmp-" in p.name], (
+        "stale temporary stores are cleaned up"
+    )
 
 
 def test_devices_run_one_process_each_and_share_the_cohort(cohort, tmp_path):
@@ -152,10 +205,29 @@ def test_devices_run_one_process_each_and_share_the_cohort(cohort, tmp_path):
     out = tmp_path / "multi"
     out.mkdir()
     os.symlink(run / "tiles", out / "tiles")
-    cmd = [sys.executable, "-m", "wsimil.cli", "embed", str(out), "--manifest", str(run / "manifest.csv"), "--encoder", "efficientnet_lite0", "--num-workers", "0", "--devices", "cpu,cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "wsimil.cli",
+        "embed",
+        str(out),
+        "--manifest",
+        str(run / "manifest.csv"),
+        "--encoder",
+        "efficientnet_lite0",
+        "--num-workers",
+        "0",
+        "--devices",
+        "cpu,cpu",
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    lines = [line for line in (out / "features" / "efficientnet_lite0" / "status.jsonl").read_text().splitlines()]
+    lines = [
+        line
+        for line in (out / "features" / "efficientnet_lite0" / "status.jsonl")
+        .read_text()
+        .splitlines()
+    ]
     assert len(lines) == len(df)  # every slide embedded exactly once across the two processes
     for sid in df.slide_id:
         assert (out / "features" / "efficientnet_lite0" / f"{sid}.zarr").exists()

@@ -182,7 +182,9 @@ def test_normalise_layouts_and_values():
     hwc = torch.randint(0, 256, (2, 4, 4, 3), dtype=torch.uint8)
     out = normalise(hwc, cfg)
     assert out.shape == (2, 3, 4, 4) and out.dtype == torch.float32
-    assert out.is_contiguous(memory_format=torch.channels_last)  # (B, H, W, 3) input stays NHWC in memory
+    assert out.is_contiguous(
+        memory_format=torch.channels_last
+    )  # (B, H, W, 3) input stays NHWC in memory
     torch.testing.assert_close(normalise(hwc.permute(0, 3, 1, 2), cfg), out)
     ext = normalise(
         torch.tensor([0, 255], dtype=torch.uint8).view(2, 1, 1, 1).expand(2, 1, 1, 3), cfg

@@ -31,7 +31,11 @@ def test_geojson_is_a_feature_collection_of_tile_polygons_with_measurements(tmp_
     table.loc[3, "instance_score"] = 0.25
     n = write_geojson(tmp_path / "s.geojson", table, tile_px_level0=448, slide_id="s")
     doc = json.loads((tmp_path / "s.geojson").read_text())
-    assert n == len(table) and doc["type"] == "FeatureCollection" and len(doc["features"]) == len(table)
+    assert (
+        n == len(table)
+        and doc["type"] == "FeatureCollection"
+        and len(doc["features"]) == len(table)
+    )
     for i, f in enumerate(doc["features"]):
         assert f["type"] == "Feature" and f["geometry"]["type"] == "Polygon"
         ring = f["geometry"]["coordinates"][0]
@@ -54,7 +58,15 @@ def test_heatmap_tiff_is_a_pyramid_openslide_reads_with_the_slide_geometry(tmp_p
     table = _grid_table()
     w, h = 5000, 3001
     info = write_heatmap_tiff(
-        tmp_path / "h.tiff", table.attention_scaled.to_numpy(), table[["x", "y"]].to_numpy(), tile_px_level0=448, width_px=w, height_px=h, mpp=0.5, cmap="turbo", tile_px=256
+        tmp_path / "h.tiff",
+        table.attention_scaled.to_numpy(),
+        table[["x", "y"]].to_numpy(),
+        tile_px_level0=448,
+        width_px=w,
+        height_px=h,
+        mpp=0.5,
+        cmap="turbo",
+        tile_px=256,
     )
     assert info["grid_step"] == 448
     assert info["tiles_encoded"] < info["tiles_written"]  # background tiles encoded once
@@ -64,7 +76,11 @@ def test_heatmap_tiff_is_a_pyramid_openslide_reads_with_the_slide_geometry(tmp_p
     assert s.level_dimensions[1] == (2500, 1501)
     assert float(s.properties["openslide.mpp-x"]) == pytest.approx(0.5, rel=1e-3)
     lut = colour_lut("turbo").astype(int)
-    for i in (0, len(table) // 2, len(table) - 1):  # each tile's centre has its colour at level 0 and 1
+    for i in (
+        0,
+        len(table) // 2,
+        len(table) - 1,
+    ):  # each tile's centre has its colour at level 0 and 1
         cx, cy = int(table.x[i]) + 224, int(table.y[i]) + 224
         want = lut[int(round(table.attention_scaled[i] * 255))]
         for level in (0, 1):
@@ -85,7 +101,15 @@ def test_top_crops_are_the_highest_attention_tiles_read_from_the_slide(tmp_path)
     from wsimil.slide import open_slide
 
     table = _grid_table()
-    write_heatmap_tiff(tmp_path / "h.tiff", table.attention_scaled.to_numpy(), table[["x", "y"]].to_numpy(), tile_px_level0=448, width_px=4096, height_px=2560, mpp=0.5)
+    write_heatmap_tiff(
+        tmp_path / "h.tiff",
+        table.attention_scaled.to_numpy(),
+        table[["x", "y"]].to_numpy(),
+        tile_px_level0=448,
+        width_px=4096,
+        height_px=2560,
+        mpp=0.5,
+    )
     with open_slide(tmp_path / "h.tiff") as slide:  # the heatmap TIFF doubles as a slide
         crops = write_top_crops(slide, table, tmp_path / "top", k=3, tile_px_level0=448, crop_px=64)
     assert [c["rank"] for c in crops] == [1, 2, 3]
@@ -120,7 +144,15 @@ def test_banded_thumbnail_matches_the_whole_level_thumbnail(tmp_path):
     from wsimil.slide import open_slide
 
     table = _grid_table()
-    write_heatmap_tiff(tmp_path / "h.tiff", table.attention_scaled.to_numpy(), table[["x", "y"]].to_numpy(), tile_px_level0=448, width_px=4000, height_px=2600, mpp=0.5)
+    write_heatmap_tiff(
+        tmp_path / "h.tiff",
+        table.attention_scaled.to_numpy(),
+        table[["x", "y"]].to_numpy(),
+        tile_px_level0=448,
+        width_px=4000,
+        height_px=2600,
+        mpp=0.5,
+    )
     with open_slide(tmp_path / "h.tiff") as slide:
         ref, ds_ref = slide.thumbnail(300)
         img, ds = bounded_thumbnail(slide, 300, band_bytes=3 * 1000 * 40)  # many bands

@@ -49,11 +49,27 @@ def cohort(tmp_path_factory):
         ta = dict(tg.attrs)
         coords = np.asarray(tg["coords"][...])
         mask, ds = load_lesion_mask(rec.lesion_mask, slide_width_px=ta["width_px"])
-        y = lesion_tile_labels(coords, tile_px_level0=ta["tile_px_level0"], mask=mask, mask_downsample=ds)
+        y = lesion_tile_labels(
+            coords, tile_px_level0=ta["tile_px_level0"], mask=mask, mask_downsample=ds
+        )
         lesions[rec.slide_id] = y
         _write_features(run, rec.slide_id, labels=y, coords=coords, tile_attrs=ta, rng=rng)
-    run_train(manifest, run, TrainConfig(epochs=25, patience=25, lr=1e-3, hidden_dim=32, attention_dim=16, dropout=0.0, seed=0), encoder=ENC)
-    run_train(manifest, run, TrainConfig(name="inst", model="instance_max", epochs=5, hidden_dim=16, dropout=0.0, seed=0), encoder=ENC)
+    run_train(
+        manifest,
+        run,
+        TrainConfig(
+            epochs=25, patience=25, lr=1e-3, hidden_dim=32, attention_dim=16, dropout=0.0, seed=0
+        ),
+        encoder=ENC,
+    )
+    run_train(
+        manifest,
+        run,
+        TrainConfig(
+            name="inst", model="instance_max", epochs=5, hidden_dim=16, dropout=0.0, seed=0
+        ),
+        encoder=ENC,
+    )
     return run, manifest, lesions
 
 
@@ -65,7 +81,9 @@ def test_every_output_for_every_slide_and_attention_finds_the_lesions(cohort):
     hm = run / "heatmaps" / "gated_attention"
     for sid in manifest.slide_id:
         t = pd.read_csv(hm / f"{sid}.csv")
-        assert {"x", "y", "attention", "attention_scaled", "rank", "instance_score"} <= set(t.columns)
+        assert {"x", "y", "attention", "attention_scaled", "rank", "instance_score"} <= set(
+            t.columns
+        )
         assert len(t) == len(lesions[sid])
         assert t.attention.sum() == pytest.approx(1.0, abs=1e-3)
         for suffix in (".png", ".thumb.jpg", ".geojson", ".heatmap.tiff", ".html"):
@@ -93,14 +111,34 @@ def test_bad_input_fails_per_slide_with_a_clear_message_and_the_rest_goes_on(coh
     g = open_store(feat / f"{other_enc}.zarr")
     import zarr
 
-    zarr.open_group(str(feat / f"{other_enc}.zarr"), mode="r+").attrs["encoder"] = {**dict(g.attrs)["encoder"], "name": "resnet50"}
+    zarr.open_group(str(feat / f"{other_enc}.zarr"), mode="r+").attrs["encoder"] = {
+        **dict(g.attrs)["encoder"],
+        "name": "resnet50",
+    }
     bad = manifest.copy()
     bad.loc[bad.slide_id == moved, "path"] = str(tmp_path / "gone" / "slide.tiff")
 
-    res = run_heatmap(bad, run, HeatmapConfig(thumbnail_px=128, top_k=1, crop_px=32, pyramid_tiff=False), model_name="gated_attention").set_index("slide_id")
-    assert res.loc[missing, "status"] == "error" and "no features" in res.loc[missing, "message"] and "wsimil embed" in res.loc[missing, "message"]
-    assert res.loc[other_enc, "status"] == "error" and "resnet50" in res.loc[other_enc, "message"] and ENC in res.loc[other_enc, "message"]
-    assert res.loc[moved, "status"] == "error" and "file not found" in res.loc[moved, "message"] and "gone" in res.loc[moved, "message"]
+    res = run_heatmap(
+        bad,
+        run,
+        HeatmapConfig(thumbnail_px=128, top_k=1, crop_px=32, pyramid_tiff=False),
+        model_name="gated_attention",
+    ).set_index("slide_id")
+    assert (
+        res.loc[missing, "status"] == "error"
+        and "no features" in res.loc[missing, "message"]
+        and "wsimil embed" in res.loc[missing, "message"]
+    )
+    assert (
+        res.loc[other_enc, "status"] == "error"
+        and "resnet50" in res.loc[other_enc, "message"]
+        and ENC in res.loc[other_enc, "message"]
+    )
+    assert (
+        res.loc[moved, "status"] == "error"
+        and "file not found" in res.loc[moved, "message"]
+        and "gone" in res.loc[moved, "message"]
+    )
     for sid in (missing, other_enc, moved):
         assert "\n" not in res.loc[sid, "message"]
     assert (res.drop(index=[missing, other_enc, moved]).status == "ok").all()
@@ -119,14 +157,21 @@ def test_bad_input_fails_per_slide_with_a_clear_message_and_the_rest_goes_on(coh
 def test_instance_models_export_instance_scores(cohort):
     run, manifest, _ = cohort
     sub = manifest.head(2)
-    res = run_heatmap(sub, run, HeatmapConfig(thumbnail_px=128, top_k=0, pyramid_tiff=False, review_page=False), model_name="inst")
+    res = run_heatmap(
+        sub,
+        run,
+        HeatmapConfig(thumbnail_px=128, top_k=0, pyramid_tiff=False, review_page=False),
+        model_name="inst",
+    )
     assert (res.status == "ok").all(), res.message.tolist()
     hm = run / "heatmaps" / "inst"
     sid = sub.slide_id.iloc[0]
     t = pd.read_csv(hm / f"{sid}.csv")
     assert t.instance_score.between(0, 1).all() and t.instance_score.notna().all()
     feat = json.loads((hm / f"{sid}.geojson").read_text())["features"][0]
-    assert feat["properties"]["measurements"]["instance_score"] == pytest.approx(t.instance_score[0], abs=1e-5)
+    assert feat["properties"]["measurements"]["instance_score"] == pytest.approx(
+        t.instance_score[0], abs=1e-5
+    )
     assert not (hm / "index.html").exists() and not list(hm.glob("*_top"))
 
 
@@ -142,7 +187,12 @@ def test_a_slide_with_no_tiles_gets_status_empty_and_a_plain_thumbnail(cohort, t
     write_array(g, "features", np.zeros((0, DIM), np.float16))
     write_array(g, "coords", np.zeros((0, 2), np.int32))
     g.attrs.update({"encoder": {"name": ENC, "feature_dim": DIM}, "tiles": ta})
-    res = run_heatmap(manifest.iloc[:1], run, HeatmapConfig(thumbnail_px=128, review_page=False), model_name="gated_attention")
+    res = run_heatmap(
+        manifest.iloc[:1],
+        run,
+        HeatmapConfig(thumbnail_px=128, review_page=False),
+        model_name="gated_attention",
+    )
     assert res.status.tolist() == ["empty"] and "0 tiles" in res.message[0]
     from PIL import Image
 

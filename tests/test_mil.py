@@ -7,7 +7,14 @@ from hypothesis import strategies as st
 
 from wsimil.mil import create_mil, list_mil_models
 
-ALL = ["instance_max", "instance_mean", "embedding_max", "embedding_mean", "attention", "gated_attention"]
+ALL = [
+    "instance_max",
+    "instance_mean",
+    "embedding_max",
+    "embedding_mean",
+    "attention",
+    "gated_attention",
+]
 
 
 def _model(name, d=8, seed=0):

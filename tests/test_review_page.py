@@ -14,7 +14,9 @@ from PIL import Image
 from wsimil.review import write_review_pages
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (.ci/run installs Debian's chromium)")
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None, reason="chromium not installed (.ci/run installs Debian's chromium)"
+)
 
 
 class _Links(HTMLParser):
@@ -48,10 +50,37 @@ def review(tmp_path):
             "geojson": None,
             "tiff": None,
             "n_tiles": 10 + i,
-            "top": [{"file": "top01_x0_y0.jpg", "rank": 1, "x": 0, "y": 0, "attention": 0.3, "attention_scaled": 1.0}],
+            "top": [
+                {
+                    "file": "top01_x0_y0.jpg",
+                    "rank": 1,
+                    "x": 0,
+                    "y": 0,
+                    "attention": 0.3,
+                    "attention_scaled": 1.0,
+                }
+            ],
         }
-        rows.append({"slide_id": sid, "status": "ok", "probability": prob, "prediction": int(prob >= 0.5), "label": label, "message": ""})
-    rows.append({"slide_id": "broken", "status": "error", "probability": np.nan, "prediction": -1, "label": 1, "message": "broken: no features at x; run `wsimil embed` first"})
+        rows.append(
+            {
+                "slide_id": sid,
+                "status": "ok",
+                "probability": prob,
+                "prediction": int(prob >= 0.5),
+                "label": label,
+                "message": "",
+            }
+        )
+    rows.append(
+        {
+            "slide_id": "broken",
+            "status": "error",
+            "probability": np.nan,
+            "prediction": -1,
+            "label": 1,
+            "message": "broken: no features at x; run `wsimil embed` first",
+        }
+    )
     pd.DataFrame(rows[:4]).to_csv(tmp_path / "predictions.csv", index=False)
     index = write_review_pages(tmp_path, pd.DataFrame(rows), pages, model_name="m")
     return tmp_path, index, pd.DataFrame(rows)
@@ -64,7 +93,12 @@ def test_pages_are_offline_and_every_link_is_a_local_file(review):
     pages = [index] + [folder / f"{sid}.html" for sid in rows.slide_id[rows.status == "ok"]]
     for page in pages:
         text = page.read_text()
-        assert "http://" not in text and "https://" not in text and "@import" not in text and "<script" not in text
+        assert (
+            "http://" not in text
+            and "https://" not in text
+            and "@import" not in text
+            and "<script" not in text
+        )
         p = _Links()
         p.feed(text)
         assert p.refs

@@ -17,7 +17,10 @@ def _write_ome_subifds(path, img, mpp):
     levels = [img, img[::2, ::2], img[::4, ::4]]
     with tifffile.TiffWriter(path, ome=True) as tif:
         tif.write(
-            levels[0], subifds=2, tile=(64, 64), photometric="rgb",
+            levels[0],
+            subifds=2,
+            tile=(64, 64),
+            photometric="rgb",
             metadata={"axes": "YXS", "PhysicalSizeX": mpp, "PhysicalSizeY": mpp},
         )
         for lvl in levels[1:]:
@@ -32,7 +35,9 @@ def test_ome_tiff_pyramid_in_subifds_reads_the_written_pixels(tmp_path):
     with open_slide(path) as s:
         assert s.reader_name == "tifffile"
         assert s.dimensions == (500, 300) and s.level_count == 3
-        assert s.level_downsamples[1] == pytest.approx(2.0) and s.level_downsamples[2] == pytest.approx(4.0)
+        assert s.level_downsamples[1] == pytest.approx(2.0) and s.level_downsamples[
+            2
+        ] == pytest.approx(4.0)
         assert s.mpp == pytest.approx(0.25)
         np.testing.assert_array_equal(s.read_region((100, 50), 0, (120, 70)), img[50:120, 100:220])
         np.testing.assert_array_equal(s.read_region((40, 80), 1, (30, 20)), levels[1][40:60, 20:50])
@@ -49,7 +54,14 @@ def test_ome_tiff_pyramid_in_subifds_reads_the_written_pixels(tmp_path):
 def test_plain_stripped_tiff_with_resolution_tags(tmp_path):
     img = _image(200, 150, seed=1)
     path = tmp_path / "plain.tif"
-    tifffile.imwrite(path, img, photometric="rgb", rowsperstrip=16, resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")
+    tifffile.imwrite(
+        path,
+        img,
+        photometric="rgb",
+        rowsperstrip=16,
+        resolution=(1e4 / 0.5, 1e4 / 0.5),
+        resolutionunit="CENTIMETER",
+    )
     with open_slide(path) as s:
         assert s.dimensions == (150, 200) and s.level_count == 1
         assert s.mpp == pytest.approx(0.5)

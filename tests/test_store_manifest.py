@@ -57,7 +57,10 @@ def _write(tmp_path, text):
 
 
 def test_manifest_resolves_relative_paths_and_reads_mpp(tmp_path):
-    df = read_manifest(_write(tmp_path, "slide_id,path,label,mpp\n007,slides/a.svs,1,0.25\nb,/abs/b.svs,0,\n"), require_label=True)
+    df = read_manifest(
+        _write(tmp_path, "slide_id,path,label,mpp\n007,slides/a.svs,1,0.25\nb,/abs/b.svs,0,\n"),
+        require_label=True,
+    )
     assert df.slide_id.tolist() == ["007", "b"]  # ids stay strings
     assert df.path[0] == str(tmp_path.resolve() / "slides" / "a.svs") and df.path[1] == "/abs/b.svs"
     assert df.mpp[0] == 0.25 and np.isnan(df.mpp[1])
@@ -78,7 +81,9 @@ def test_bad_manifests_get_one_clear_message(tmp_path, text, message):
 
 
 def test_shards_partition_the_manifest(tmp_path):
-    df = read_manifest(_write(tmp_path, "slide_id,path\n" + "".join(f"s{i},x{i}.svs\n" for i in range(10))))
+    df = read_manifest(
+        _write(tmp_path, "slide_id,path\n" + "".join(f"s{i},x{i}.svs\n" for i in range(10)))
+    )
     parts = [shard(df, f"{i}/3").slide_id.tolist() for i in range(3)]
     assert sorted(sum(parts, [])) == sorted(df.slide_id.tolist())
     assert all(len(p) in (3, 4) for p in parts)

@@ -28,7 +28,9 @@ def _cohort(folder: Path, n: int, *, size: int = SIZE) -> Path:
     for i in range(n):
         p = folder / f"s{i}.tiff"
         if not p.exists():
-            write_synthetic_slide(p, width_px=size, height_px=size, mpp=0.5, positive=bool(i % 2), seed=i)
+            write_synthetic_slide(
+                p, width_px=size, height_px=size, mpp=0.5, positive=bool(i % 2), seed=i
+            )
         rows.append({"slide_id": f"s{i}", "path": str(p), "label": i % 2})
     manifest = folder / "manifest.csv"
     pd.DataFrame(rows).to_csv(manifest, index=False)
@@ -58,13 +60,36 @@ def test_bad_inputs_each_get_a_clear_status_and_the_rest_complete(tmp_path, coho
     (tmp_path / "text.svs").write_text("not a slide\n")
     data = Path(good.path[0]).read_bytes()
     (tmp_path / "trunc.tiff").write_bytes(data[: len(data) // 4])
-    tifffile.imwrite(tmp_path / "blank.tif", np.full((1024, 1024, 3), 243, np.uint8), photometric="rgb", tile=(256, 256))
-    tifffile.imwrite(tmp_path / "tiny.tif", np.full((100, 100, 3), (200, 120, 180), np.uint8), photometric="rgb")
-    tifffile.imwrite(tmp_path / "nompp.tif", np.full((600, 600, 3), (200, 120, 180), np.uint8), photometric="rgb", tile=(256, 256))
+    tifffile.imwrite(
+        tmp_path / "blank.tif",
+        np.full((1024, 1024, 3), 243, np.uint8),
+        photometric="rgb",
+        tile=(256, 256),
+    )
+    tifffile.imwrite(
+        tmp_path / "tiny.tif", np.full((100, 100, 3), (200, 120, 180), np.uint8), photometric="rgb"
+    )
+    tifffile.imwrite(
+        tmp_path / "nompp.tif",
+        np.full((600, 600, 3), (200, 120, 180), np.uint8),
+        photometric="rgb",
+        tile=(256, 256),
+    )
     bad = pd.DataFrame(
         {
             "slide_id": ["zero", "text", "trunc", "blank", "tiny", "nompp", "missing"],
-            "path": [str(tmp_path / n) for n in ("empty.svs", "text.svs", "trunc.tiff", "blank.tif", "tiny.tif", "nompp.tif", "nope.svs")],
+            "path": [
+                str(tmp_path / n)
+                for n in (
+                    "empty.svs",
+                    "text.svs",
+                    "trunc.tiff",
+                    "blank.tif",
+                    "tiny.tif",
+                    "nompp.tif",
+                    "nope.svs",
+                )
+            ],
             "mpp": [np.nan, np.nan, np.nan, 0.5, 0.5, np.nan, np.nan],
         }
     )
@@ -72,8 +97,15 @@ def test_bad_inputs_each_get_a_clear_status_and_the_rest_complete(tmp_path, coho
     res = run_tile(df, tmp_path / "run", TileConfig()).set_index("slide_id")
     st = res["status"].to_dict()
     assert st == {
-        "s0": "ok", "s1": "ok", "zero": "error", "text": "error", "trunc": "error",
-        "blank": "empty", "tiny": "empty", "nompp": "error", "missing": "error",
+        "s0": "ok",
+        "s1": "ok",
+        "zero": "error",
+        "text": "error",
+        "trunc": "error",
+        "blank": "empty",
+        "tiny": "empty",
+        "nompp": "error",
+        "missing": "error",
     }
     msg = res["message"].to_dict()
     assert "empty.svs" in msg["zero"] and "0 bytes" in msg["zero"]
@@ -100,7 +132,11 @@ def test_manifest_problems_are_refused_with_a_clear_message(tmp_path, cohort):
     # Through the CLI: exit status 1 and one line naming the manifest.
     bad = tmp_path / "bad.csv"
     good[["slide_id"]].to_csv(bad, index=False)
-    r = subprocess.run([*WSIMIL, "tile", str(tmp_path / "r"), "--manifest", str(bad)], capture_output=True, text=True)
+    r = subprocess.run(
+        [*WSIMIL, "tile", str(tmp_path / "r"), "--manifest", str(bad)],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode != 0 and "bad.csv" in r.stderr and "path" in r.stderr
 
 
@@ -111,7 +147,16 @@ def test_geojson_and_image_masks_replace_the_computed_mask(tmp_path, cohort):
     # s0: a QuPath-style FeatureCollection, square 0..768 with a hole 256..512 (level-0 px).
     square = [[0, 0], [768, 0], [768, 768], [0, 768], [0, 0]]
     hole = [[256, 256], [512, 256], [512, 512], [256, 512], [256, 256]]
-    fc = {"type": "FeatureCollection", "features": [{"type": "Feature", "properties": {"objectType": "annotation"}, "geometry": {"type": "Polygon", "coordinates": [square, hole]}}]}
+    fc = {
+        "type": "FeatureCollection",
+        "features": [
+            {
+                "type": "Feature",
+                "properties": {"objectType": "annotation"},
+                "geometry": {"type": "Polygon", "coordinates": [square, hole]},
+            }
+        ],
+    }
     (masks / "s0.geojson").write_text(json.dumps(fc))
     # s1: a mask image (quarter scale) whose right half is tissue.
     from PIL import Image
@@ -121,12 +166,25 @@ def test_geojson_and_image_masks_replace_the_computed_mask(tmp_path, cohort):
     Image.fromarray(img).save(masks / "s1.png")
     res = run_tile(df, tmp_path / "run", TileConfig(), mask=str(masks)).set_index("slide_id")
     assert (res["status"] == "ok").all()
-    c0 = {tuple(c) for c in open_store(tmp_path / "run" / "tiles" / "s0.zarr")["coords"][:].tolist()}
-    assert c0 == {(0, 0), (256, 0), (512, 0), (0, 256), (512, 256), (0, 512), (256, 512), (512, 512)}
+    c0 = {
+        tuple(c) for c in open_store(tmp_path / "run" / "tiles" / "s0.zarr")["coords"][:].tolist()
+    }
+    assert c0 == {
+        (0, 0),
+        (256, 0),
+        (512, 0),
+        (0, 256),
+        (512, 256),
+        (0, 512),
+        (256, 512),
+        (512, 512),
+    }
     c1 = open_store(tmp_path / "run" / "tiles" / "s1.zarr")["coords"][:]
     assert len(c1) == 3 * 6 and (c1[:, 0] >= SIZE // 2).all()
     # A missing mask is that slide's error; a template with {slide_id} works too.
-    res = run_tile(df, tmp_path / "run2", TileConfig(), mask=str(masks / "{slide_id}.geojson")).set_index("slide_id")
+    res = run_tile(
+        df, tmp_path / "run2", TileConfig(), mask=str(masks / "{slide_id}.geojson")
+    ).set_index("slide_id")
     assert res.loc["s0", "status"] == "ok" and res.loc["s1", "status"] == "error"
     assert "s1.geojson" in res.loc["s1", "message"]
 
@@ -148,9 +206,14 @@ def test_a_slide_locked_by_another_worker_is_skipped(tmp_path, cohort):
     df = pd.read_csv(cohort).iloc[:2]
     tiles = tmp_path / "run" / "tiles"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from wsimil.locks import slide_lock\n"
-         f"with slide_lock({str(tiles)!r}, 's1') as ok:\n    print(ok, flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from wsimil.locks import slide_lock\n"
+            f"with slide_lock({str(tiles)!r}, 's1') as ok:\n    print(ok, flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "True"
@@ -159,7 +222,9 @@ def test_a_slide_locked_by_another_worker_is_skipped(tmp_path, cohort):
         holder.kill()
         holder.wait()
     assert res.loc["s0", "status"] == "ok"
-    assert res.loc["s1", "status"] == "skipped" and res.loc["s1", "message"] == "in progress elsewhere"
+    assert (
+        res.loc["s1", "status"] == "skipped" and res.loc["s1", "message"] == "in progress elsewhere"
+    )
     assert not (tiles / "s1.zarr").exists()
     with slide_lock(tiles, "s1") as ok:  # the kernel released the killed holder's lock
         assert ok
@@ -167,14 +232,20 @@ def test_a_slide_locked_by_another_worker_is_skipped(tmp_path, cohort):
 
 def test_resume_after_sigkill_completes_and_equals_an_uninterrupted_run(tmp_path, cohort):
     ref, run = tmp_path / "ref", tmp_path / "run"
-    subprocess.run([*WSIMIL, "tile", str(ref), "--manifest", str(cohort)], check=True, capture_output=True)
+    subprocess.run(
+        [*WSIMIL, "tile", str(ref), "--manifest", str(cohort)], check=True, capture_output=True
+    )
     tiles = run / "tiles"
     tiles.mkdir(parents=True)
     # Leftovers of an earlier killed writer of s4 (another host's naming, too).
     (tiles / ".s4.zarr.tmp-otherhost-4242").mkdir()
     (tiles / ".s4.zarr.tmp-otherhost-4242" / "zarr.json").write_text("{}")
     (tiles / "s4.qc.png.tmp.png").write_bytes(b"partial")
-    proc = subprocess.Popen([*WSIMIL, "tile", str(run), "--manifest", str(cohort)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*WSIMIL, "tile", str(run), "--manifest", str(cohort)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     while not list(tiles.glob("s*.zarr")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -182,7 +253,9 @@ def test_resume_after_sigkill_completes_and_equals_an_uninterrupted_run(tmp_path
     proc.wait()
     done_before = {p.stem for p in tiles.glob("*.zarr")}
     assert 1 <= len(done_before) < 6, "the kill should land mid-cohort"
-    r = subprocess.run([*WSIMIL, "tile", str(run), "--manifest", str(cohort)], capture_output=True, text=True)
+    r = subprocess.run(
+        [*WSIMIL, "tile", str(run), "--manifest", str(cohort)], capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr
     assert not [p for p in tiles.iterdir() if ".tmp" in p.name or ".old-" in p.name]
     a, b = _coords(ref), _coords(run)
@@ -196,7 +269,10 @@ def test_resume_after_sigkill_completes_and_equals_an_uninterrupted_run(tmp_path
 def test_two_workers_on_one_cohort_tile_every_slide_exactly_once(tmp_path, cohort):
     run = tmp_path / "run"
     cmd = [*WSIMIL, "tile", str(run), "--manifest", str(cohort)]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err

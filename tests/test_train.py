@@ -61,14 +61,20 @@ def test_standardiser_uses_training_statistics_only():
 def test_attention_mil_learns_bag_labels_and_finds_the_key_instances(model):
     bags, keys = make_bags(80, seed=3)
     train, val, test = bags[:48], bags[48:60], bags[60:]
-    cfg = TrainConfig(model=model, epochs=30, patience=10, hidden_dim=32, attention_dim=16, lr=1e-3, seed=0)
+    cfg = TrainConfig(
+        model=model, epochs=30, patience=10, hidden_dim=32, attention_dim=16, lr=1e-3, seed=0
+    )
     net, std, history, best = fit(train, val, cfg)
     assert len(history) >= 1 and 1 <= best <= len(history)
     probs, outs = predict_bags(net, [std(b.features) for b in test])
     labels = np.array([b.label for b in test])
     assert binary_metrics(labels, probs)["auc"] >= 0.95
     # On positive test bags the highest attention falls on a key instance.
-    hits = [keys[60 + i][int(torch.argmax(o.attention[0]))] for i, o in enumerate(outs) if labels[i] == 1]
+    hits = [
+        keys[60 + i][int(torch.argmax(o.attention[0]))]
+        for i, o in enumerate(outs)
+        if labels[i] == 1
+    ]
     assert np.mean(hits) >= 0.8
 
 
@@ -81,14 +87,26 @@ def test_max_instances_subsamples_training_steps_only(monkeypatch):
 
     def spy(cfg, in_dim):  # record the bag length every forward pass of f sees
         m = build(cfg, in_dim)
-        m.f.register_forward_hook(lambda mod, i, o: seen["train" if mod.training else "eval"].append(i[0].shape[1]))
+        m.f.register_forward_hook(
+            lambda mod, i, o: seen["train" if mod.training else "eval"].append(i[0].shape[1])
+        )
         return m
 
     monkeypatch.setattr(tr, "build_model", spy)
-    cfg = TrainConfig(model="attention", epochs=2, patience=2, hidden_dim=8, attention_dim=4, max_instances=7, seed=0)
+    cfg = TrainConfig(
+        model="attention",
+        epochs=2,
+        patience=2,
+        hidden_dim=8,
+        attention_dim=4,
+        max_instances=7,
+        seed=0,
+    )
     net, std, _, _ = fit(bags[:8], bags[8:], cfg)
     assert set(seen["train"]) == {7}  # every training step saw 7 instances
-    assert set(seen["eval"]) == {len(b.features) for b in bags[8:]}  # validation sees every instance
+    assert set(seen["eval"]) == {
+        len(b.features) for b in bags[8:]
+    }  # validation sees every instance
     _, outs = predict_bags(net, [std(b.features) for b in bags[8:]])
     assert [o.attention.shape[1] for o in outs] == [len(b.features) for b in bags[8:]]
 
@@ -103,10 +121,30 @@ def test_bags_over_the_memory_budget_are_read_from_their_stores_with_the_same_re
     bags, _ = make_bags(14, seed=3)
     stored = []
     for b in bags:
-        arr = zarr.create_array(str(tmp_path / f"{b.bag_id}.zarr"), shape=b.features.shape, dtype="float32", chunks=(16, b.features.shape[1]))
+        arr = zarr.create_array(
+            str(tmp_path / f"{b.bag_id}.zarr"),
+            shape=b.features.shape,
+            dtype="float32",
+            chunks=(16, b.features.shape[1]),
+        )
         arr[...] = b.features
-        stored.append(Bag(b.bag_id, zarr.open_array(str(tmp_path / f"{b.bag_id}.zarr"), mode="r"), b.label, b.group))
-    cfg = TrainConfig(model="gated_attention", epochs=3, patience=3, hidden_dim=8, attention_dim=4, max_instances=25, seed=1)
+        stored.append(
+            Bag(
+                b.bag_id,
+                zarr.open_array(str(tmp_path / f"{b.bag_id}.zarr"), mode="r"),
+                b.label,
+                b.group,
+            )
+        )
+    cfg = TrainConfig(
+        model="gated_attention",
+        epochs=3,
+        patience=3,
+        hidden_dim=8,
+        attention_dim=4,
+        max_instances=25,
+        seed=1,
+    )
     net_a, std_a, hist_a, _ = fit(bags[:10], bags[10:], cfg)
     half = sum(b.features.nbytes for b in bags[:5]) / 2**30  # about a third of the bags fit
     net_b, std_b, hist_b, _ = fit(stored[:10], stored[10:], cfg, memory_budget_gb=half)

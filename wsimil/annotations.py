@@ -61,7 +61,9 @@ def load_mask(path: str | Path, *, width_px: int, height_px: int, downsample: fl
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise MaskError(f"{path}: cannot read GeoJSON ({exc}); export annotations from QuPath as GeoJSON") from exc
+            raise MaskError(
+                f"{path}: cannot read GeoJSON ({exc}); export annotations from QuPath as GeoJSON"
+            ) from exc
         polygons = list(_polygons(data))
         if not polygons:
             raise MaskError(f"{path}: no Polygon or MultiPolygon annotations found")
@@ -72,10 +74,16 @@ def load_mask(path: str | Path, *, width_px: int, height_px: int, downsample: fl
         with Image.open(path) as im:
             arr = np.asarray(im.convert("L"))
     except Exception as exc:
-        raise MaskError(f"{path}: cannot read mask image ({exc}); give a PNG/TIFF with tissue non-zero") from exc
+        raise MaskError(
+            f"{path}: cannot read mask image ({exc}); give a PNG/TIFF with tissue non-zero"
+        ) from exc
     fg = arr > 0
-    rows = np.minimum((np.arange(shape[0]) + 0.5) * arr.shape[0] / shape[0], arr.shape[0] - 1).astype(int)
-    cols = np.minimum((np.arange(shape[1]) + 0.5) * arr.shape[1] / shape[1], arr.shape[1] - 1).astype(int)
+    rows = np.minimum(
+        (np.arange(shape[0]) + 0.5) * arr.shape[0] / shape[0], arr.shape[0] - 1
+    ).astype(int)
+    cols = np.minimum(
+        (np.arange(shape[1]) + 0.5) * arr.shape[1] / shape[1], arr.shape[1] - 1
+    ).astype(int)
     return fg[rows][:, cols]
 
 
@@ -101,7 +109,9 @@ def _polygons(obj):
             yield [np.asarray(r, float)[:, :2] for r in poly if len(r) >= 3]
 
 
-def rasterise_polygons(polygons: list[list[np.ndarray]], *, shape: tuple[int, int], downsample: float) -> np.ndarray:
+def rasterise_polygons(
+    polygons: list[list[np.ndarray]], *, shape: tuple[int, int], downsample: float
+) -> np.ndarray:
     """Fill polygons (level-0 px rings, exterior then holes) on a ``shape`` (h, w) grid."""
     from skimage.draw import polygon as fill
 

@@ -63,7 +63,9 @@ class BagTensors:
         return len(self.bags)
 
     def __getitem__(self, i: int):
-        return self.cached[i] if i in self.cached else self.transform(read_rows(self.bags[i].features))
+        return (
+            self.cached[i] if i in self.cached else self.transform(read_rows(self.bags[i].features))
+        )
 
     def items(self, order):
         """Yield ``(i, tensor)`` for the indices in ``order``, reading the next streamed bag ahead."""
@@ -161,12 +163,18 @@ def read_mil_table(path: str | Path) -> list[Bag]:
     try:
         df = pd.read_csv(path, header=None)
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise ValueError(f"{path}: cannot read the bag table ({exc}); expected CSV: label, bag id, features...") from exc
+        raise ValueError(
+            f"{path}: cannot read the bag table ({exc}); expected CSV: label, bag id, features..."
+        ) from exc
     if df.shape[1] < 3:
-        raise ValueError(f"{path}: {df.shape[1]} columns; a bag table has label, bag id, then at least one feature")
+        raise ValueError(
+            f"{path}: {df.shape[1]} columns; a bag table has label, bag id, then at least one feature"
+        )
     feats = df.iloc[:, 2:]
     if not all(pd.api.types.is_numeric_dtype(t) for t in feats.dtypes):
-        raise ValueError(f"{path}: non-numeric feature columns (a header row?); the file must have no header")
+        raise ValueError(
+            f"{path}: non-numeric feature columns (a header row?); the file must have no header"
+        )
     x = feats.to_numpy(np.float32)
     labels = df.iloc[:, 0].to_numpy()
     ids = df.iloc[:, 1].astype(str).to_numpy()

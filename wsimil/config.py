@@ -28,13 +28,26 @@ class TileConfig(_Section):
     target_mpp: float = Field(0.5, gt=0, description="µm per pixel of the tiles (0.5 is 20x)")
     tile_px: int = Field(256, ge=16, description="tile size in pixels at target_mpp")
     overlap_px: int = Field(0, ge=0, description="overlap between neighbouring tiles at target_mpp")
-    tissue_threshold: float = Field(0.5, ge=0, le=1, description="minimum tissue fraction of a kept tile")
+    tissue_threshold: float = Field(
+        0.5, ge=0, le=1, description="minimum tissue fraction of a kept tile"
+    )
     mask_mpp: float = Field(8.0, gt=0, description="µm per pixel of the tissue mask")
-    min_tissue_um2: float = Field(20_000.0, ge=0, description="tissue regions smaller than this are dropped")
+    min_tissue_um2: float = Field(
+        20_000.0, ge=0, description="tissue regions smaller than this are dropped"
+    )
     max_hole_um2: float = Field(20_000.0, ge=0, description="holes smaller than this are filled")
-    remove_pen: bool = Field(False, description="drop blue, green and black pen marks from the mask")
-    white_level: int = Field(235, ge=0, le=255, description="pixels with every channel above this are glass, not tissue (255: off)")
-    black_level: int = Field(40, ge=0, le=255, description="pixels with every channel below this are not tissue (0: off)")
+    remove_pen: bool = Field(
+        False, description="drop blue, green and black pen marks from the mask"
+    )
+    white_level: int = Field(
+        235,
+        ge=0,
+        le=255,
+        description="pixels with every channel above this are glass, not tissue (255: off)",
+    )
+    black_level: int = Field(
+        40, ge=0, le=255, description="pixels with every channel below this are not tissue (0: off)"
+    )
     qc_px: int = Field(1024, ge=64, description="long side of the QC thumbnail")
 
 
@@ -46,8 +59,13 @@ class EmbedConfig(_Section):
     num_workers: int = Field(2, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     group_reads: bool = Field(True, description="read horizontal neighbour tiles as one region")
-    reader: Literal["auto", "openslide", "tifffile"] = Field("auto", description="tile reader of the workers (auto: tifffile for TIFF pyramids it reads like OpenSlide)")
-    precision: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="autocast dtype (auto: the encoder's on CUDA, float32 on CPU)")
+    reader: Literal["auto", "openslide", "tifffile"] = Field(
+        "auto",
+        description="tile reader of the workers (auto: tifffile for TIFF pyramids it reads like OpenSlide)",
+    )
+    precision: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="autocast dtype (auto: the encoder's on CUDA, float32 on CPU)"
+    )
     compile: bool = Field(False, description="torch.compile the encoder")
 
 
@@ -63,17 +81,36 @@ class TrainConfig(_Section):
     lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     test_fraction: float = Field(0.3, gt=0, lt=1)
-    val_fraction: float = Field(0.2, ge=0, lt=1, description="share of training cases held out for early stopping (0: none; train all epochs, keep the last)")
-    max_instances: int | None = Field(None, ge=1, description="instances sampled per bag per training step (never at evaluation)")
+    val_fraction: float = Field(
+        0.2,
+        ge=0,
+        lt=1,
+        description="share of training cases held out for early stopping (0: none; train all epochs, keep the last)",
+    )
+    max_instances: int | None = Field(
+        None, ge=1, description="instances sampled per bag per training step (never at evaluation)"
+    )
     seed: int = 0
-    mlp_dims: list[int] | None = Field(None, description="widths of the instance MLP f (None: [hidden_dim])")
-    instance_encoder: Literal["mlp", "lenet"] = Field("mlp", description="f: MLP on features, or the paper's LeNet on 28x28 images")
-    protocol: Literal["holdout", "cv", "split_column"] = Field("holdout", description="holdout split, repeated stratified k-fold CV, or a fixed split column")
+    mlp_dims: list[int] | None = Field(
+        None, description="widths of the instance MLP f (None: [hidden_dim])"
+    )
+    instance_encoder: Literal["mlp", "lenet"] = Field(
+        "mlp", description="f: MLP on features, or the paper's LeNet on 28x28 images"
+    )
+    protocol: Literal["holdout", "cv", "split_column"] = Field(
+        "holdout",
+        description="holdout split, repeated stratified k-fold CV, or a fixed split column",
+    )
     n_folds: int = Field(10, ge=2)
     n_repeats: int = Field(1, ge=1)
-    split_column: str = Field("split", description="manifest column with train/val/test (protocol split_column)")
+    split_column: str = Field(
+        "split", description="manifest column with train/val/test (protocol split_column)"
+    )
     standardise: bool = Field(True, description="standardise features with training-fold mean/std")
-    balance: Literal["class_weight", "sampling", "none"] = Field("class_weight", description="class imbalance: positive-class loss weight, balanced sampling, or nothing")
+    balance: Literal["class_weight", "sampling", "none"] = Field(
+        "class_weight",
+        description="class imbalance: positive-class loss weight, balanced sampling, or nothing",
+    )
 
 
 class HeatmapConfig(_Section):
@@ -110,7 +147,9 @@ def load_config(path: str | Path | None = None, **overrides: dict) -> Config:
         except (OSError, yaml.YAMLError) as exc:
             raise ValueError(f"{path}: cannot read config: {exc}") from exc
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: config must be a mapping with sections tile/embed/train/heatmap")
+            raise ValueError(
+                f"{path}: config must be a mapping with sections tile/embed/train/heatmap"
+            )
     for section, values in overrides.items():
         clean = {k: v for k, v in (values or {}).items() if v is not None}
         data.setdefault(section, {}).update(clean)

@@ -28,7 +28,9 @@ def _group_labels(bags) -> tuple[list[str], np.ndarray]:
     return groups, np.array([lab[g] for g in groups])
 
 
-def _take(pool: list[str], y: np.ndarray, fraction: float, seed: int) -> tuple[list[str], list[str]]:
+def _take(
+    pool: list[str], y: np.ndarray, fraction: float, seed: int
+) -> tuple[list[str], list[str]]:
     from sklearn.model_selection import train_test_split
 
     if fraction == 0:
@@ -39,7 +41,9 @@ def _take(pool: list[str], y: np.ndarray, fraction: float, seed: int) -> tuple[l
         return train_test_split(pool, test_size=fraction, random_state=seed)
 
 
-def kfold_splits(bags, *, n_folds: int, n_repeats: int, val_fraction: float, seed: int) -> list[Fold]:
+def kfold_splits(
+    bags, *, n_folds: int, n_repeats: int, val_fraction: float, seed: int
+) -> list[Fold]:
     """Stratified k-fold over groups, repeated with reshuffles; a validation split inside each training fold.
 
     Parameters
@@ -60,14 +64,20 @@ def kfold_splits(bags, *, n_folds: int, n_repeats: int, val_fraction: float, see
 
     groups, y = _group_labels(bags)
     if min(np.bincount(y, minlength=2)) < n_folds:
-        raise ValueError(f"{len(groups)} cases with {np.bincount(y, minlength=2).tolist()} per class: too few for {n_folds} stratified folds; lower n_folds")
+        raise ValueError(
+            f"{len(groups)} cases with {np.bincount(y, minlength=2).tolist()} per class: too few for {n_folds} stratified folds; lower n_folds"
+        )
     garr = np.array(groups)
     folds = []
     for r in range(n_repeats):
         skf = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed + 1000 * r)
         for k, (tr, te) in enumerate(skf.split(garr, y)):
             g_train, g_val = _take(garr[tr].tolist(), y[tr], val_fraction, seed + 1000 * r + k + 1)
-            where = {**dict.fromkeys(g_train, "train"), **dict.fromkeys(g_val, "val"), **dict.fromkeys(garr[te].tolist(), "test")}
+            where = {
+                **dict.fromkeys(g_train, "train"),
+                **dict.fromkeys(g_val, "val"),
+                **dict.fromkeys(garr[te].tolist(), "test"),
+            }
             folds.append(Fold(r, k, {b.bag_id: where[b.group] for b in bags}))
     return folds
 
@@ -83,7 +93,11 @@ def holdout_split(bags, *, test_fraction: float, val_fraction: float, seed: int)
     g_trainval, g_test = _take(groups, y, test_fraction, seed)
     ytv = np.array([y[groups.index(g)] for g in g_trainval])
     g_train, g_val = _take(g_trainval, ytv, val_fraction, seed + 1)
-    where = {**dict.fromkeys(g_train, "train"), **dict.fromkeys(g_val, "val"), **dict.fromkeys(g_test, "test")}
+    where = {
+        **dict.fromkeys(g_train, "train"),
+        **dict.fromkeys(g_val, "val"),
+        **dict.fromkeys(g_test, "test"),
+    }
     return {b.bag_id: where[b.group] for b in bags}
 
 
@@ -93,12 +107,16 @@ def column_split(bags, values: dict[str, str]) -> dict[str, str]:
     for b in bags:
         v = str(values.get(b.bag_id, "")).strip().lower()
         if v not in ("train", "val", "test"):
-            raise ValueError(f"slide {b.bag_id}: split value {values.get(b.bag_id)!r}; use train, val or test")
+            raise ValueError(
+                f"slide {b.bag_id}: split value {values.get(b.bag_id)!r}; use train, val or test"
+            )
         out[b.bag_id] = v
     by_group: dict[str, set] = {}
     for b in bags:
         by_group.setdefault(b.group, set()).add(out[b.bag_id])
     bad = [g for g, s in by_group.items() if len(s) > 1]
     if bad:
-        raise ValueError(f"case {bad[0]} has slides in {sorted(by_group[bad[0]])}; a case must stay in one split")
+        raise ValueError(
+            f"case {bad[0]} has slides in {sorted(by_group[bad[0]])}; a case must stay in one split"
+        )
     return out

@@ -24,7 +24,11 @@ def demo_config(*, encoder: str | None = None, seed: int = 0) -> Config:
     return Config.model_validate(
         {
             "tile": {"target_mpp": 1.0, "tile_px": 224, "tissue_threshold": 0.5},
-            "embed": {"encoder": encoder or "efficientnet_lite0", "batch_size": 64, "num_workers": 1},
+            "embed": {
+                "encoder": encoder or "efficientnet_lite0",
+                "batch_size": 64,
+                "num_workers": 1,
+            },
             "train": {
                 "name": "gated_attention",
                 "model": "gated_attention",
@@ -40,7 +44,14 @@ def demo_config(*, encoder: str | None = None, seed: int = 0) -> Config:
     )
 
 
-def lesion_tile_labels(coords: np.ndarray, *, tile_px_level0: int, mask: np.ndarray, mask_downsample: float, min_fraction: float = 0.5) -> np.ndarray:
+def lesion_tile_labels(
+    coords: np.ndarray,
+    *,
+    tile_px_level0: int,
+    mask: np.ndarray,
+    mask_downsample: float,
+    min_fraction: float = 0.5,
+) -> np.ndarray:
     """1 for tiles whose area is at least ``min_fraction`` lesion, shape (N,) int."""
     from .tile import tile_fractions
 
@@ -48,7 +59,9 @@ def lesion_tile_labels(coords: np.ndarray, *, tile_px_level0: int, mask: np.ndar
     return (frac >= min_fraction).astype(int)
 
 
-def localisation(run_dir: Path, manifest: pd.DataFrame, model_name: str, slide_ids: list[str]) -> dict:
+def localisation(
+    run_dir: Path, manifest: pd.DataFrame, model_name: str, slide_ids: list[str]
+) -> dict:
     """Attention against ground-truth lesion tiles on the given (positive) slides.
 
     Returns
@@ -71,7 +84,12 @@ def localisation(run_dir: Path, manifest: pd.DataFrame, model_name: str, slide_i
         table = pd.read_csv(table_path)
         tattrs = dict(open_store(run_dir / "tiles" / f"{sid}.zarr").attrs)
         mask, ds = load_lesion_mask(rows.loc[sid, "lesion_mask"], slide_width_px=tattrs["width_px"])
-        y = lesion_tile_labels(table[["x", "y"]].to_numpy(), tile_px_level0=tattrs["tile_px_level0"], mask=mask, mask_downsample=ds)
+        y = lesion_tile_labels(
+            table[["x", "y"]].to_numpy(),
+            tile_px_level0=tattrs["tile_px_level0"],
+            mask=mask,
+            mask_downsample=ds,
+        )
         s = table["attention_scaled"].to_numpy()
         if 0 < y.sum() < len(y):
             aucs.append(roc_auc_score(y, s))
@@ -79,7 +97,11 @@ def localisation(run_dir: Path, manifest: pd.DataFrame, model_name: str, slide_i
             pooled_s.append(s)
         top = np.argsort(-table["attention"].to_numpy())[:10]
         tops.append(float(y[top].mean()))
-    pooled = roc_auc_score(np.concatenate(pooled_y), np.concatenate(pooled_s)) if pooled_y else float("nan")
+    pooled = (
+        roc_auc_score(np.concatenate(pooled_y), np.concatenate(pooled_s))
+        if pooled_y
+        else float("nan")
+    )
     return {
         "auc_mean": float(np.mean(aucs)) if aucs else float("nan"),
         "auc_pooled": float(pooled),
@@ -88,7 +110,15 @@ def localisation(run_dir: Path, manifest: pd.DataFrame, model_name: str, slide_i
     }
 
 
-def run_demo(out_dir: str | Path, *, n_slides: int | None = None, size_px: int | None = None, encoder: str | None = None, seed: int = 0, console=None) -> dict:
+def run_demo(
+    out_dir: str | Path,
+    *,
+    n_slides: int | None = None,
+    size_px: int | None = None,
+    encoder: str | None = None,
+    seed: int = 0,
+    console=None,
+) -> dict:
     """Generate the sample cohort in ``out_dir`` and run every stage; print and return the results."""
     from .config import save_config
     from .embed import run_embed
@@ -110,7 +140,15 @@ def run_demo(out_dir: str | Path, *, n_slides: int | None = None, size_px: int |
     t0 = time.perf_counter()
     say(f"[bold]1/5 synth[/bold]: {n} slides of {size:,} x {size:,} px at 0.5 µm/px into {out_dir}")
     with progress_bar(console, "synth", n) as advance:
-        manifest_path = make_cohort(out_dir, n_slides=n, width_px=size, height_px=size, mpp=0.5, seed=seed, progress=lambda i, k, sid: advance())
+        manifest_path = make_cohort(
+            out_dir,
+            n_slides=n,
+            width_px=size,
+            height_px=size,
+            mpp=0.5,
+            seed=seed,
+            progress=lambda i, k, sid: advance(),
+        )
     times["synth"] = time.perf_counter() - t0
     save_config(cfg, out_dir / "demo_config.yaml")
     manifest = read_manifest(manifest_path, require_label=True)
@@ -145,20 +183,35 @@ def run_demo(out_dir: str | Path, *, n_slides: int | None = None, size_px: int |
 
     say("")
     say("[bold]wsimil demo results[/bold]")
-    say(f"  tiles: {int(tiles.n_tiles.sum()):,} over {len(tiles)} slides; features in {out_dir / 'features'}")
-    say(f"  held-out slides: {res['n']}  slide AUC {res['auc']:.3f}  accuracy {res['accuracy']:.3f}  F1 {res['f1']:.3f}")
+    say(
+        f"  tiles: {int(tiles.n_tiles.sum()):,} over {len(tiles)} slides; features in {out_dir / 'features'}"
+    )
+    say(
+        f"  held-out slides: {res['n']}  slide AUC {res['auc']:.3f}  accuracy {res['accuracy']:.3f}  F1 {res['f1']:.3f}"
+    )
     say(
         f"  lesion localisation (attention vs ground-truth lesion tiles), held-out positive slides ({loc_test['n_slides']}): "
         f"AUC {loc_test['auc_mean']:.3f} (pooled {loc_test['auc_pooled']:.3f}), top-10 tiles on lesion {loc_test['top10_on_lesion']:.2f}"
     )
-    say(f"  all positive slides ({loc_all['n_slides']}): AUC {loc_all['auc_mean']:.3f}, top-10 on lesion {loc_all['top10_on_lesion']:.2f}")
-    say("  seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) + f", total {total:.0f}")
+    say(
+        f"  all positive slides ({loc_all['n_slides']}): AUC {loc_all['auc_mean']:.3f}, top-10 on lesion {loc_all['top10_on_lesion']:.2f}"
+    )
+    say(
+        "  seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) + f", total {total:.0f}"
+    )
     say(f"  model: {res['model_dir']}")
     say(f"  heatmaps: {out_dir / 'heatmaps' / cfg.train.name}/<slide_id>.png")
     say(f"  review page: {out_dir / 'heatmaps' / cfg.train.name / 'index.html'}")
     if failed:
         say(f"[red]{failed} slide-stage(s) failed; see the status.jsonl files[/red]")
-    result = {"slide_auc": res["auc"], "localisation": loc_test, "localisation_all": loc_all, "seconds": times, "total_seconds": total, "failed": failed}
+    result = {
+        "slide_auc": res["auc"],
+        "localisation": loc_test,
+        "localisation_all": loc_all,
+        "seconds": times,
+        "total_seconds": total,
+        "failed": failed,
+    }
     import json
 
     (out_dir / "demo_results.json").write_text(json.dumps(result, indent=2, default=float))

@@ -60,11 +60,20 @@ class TileBatches:
     returned, not raised, so one corrupt slide does not stop the loader.
     """
 
-    def __init__(self, jobs: list[SlideJob], *, batch_size: int, input_px: int, interpolation: str = "bilinear"):
+    def __init__(
+        self,
+        jobs: list[SlideJob],
+        *,
+        batch_size: int,
+        input_px: int,
+        interpolation: str = "bilinear",
+    ):
         self.jobs = jobs
         self.input_px = input_px
         self.interpolation = interpolation
-        self.items = [(j, s) for j, job in enumerate(jobs) for s in range(0, len(job.coords), batch_size)]
+        self.items = [
+            (j, s) for j, job in enumerate(jobs) for s in range(0, len(job.coords), batch_size)
+        ]
         self.batch_size = batch_size
         self._open: tuple[int, object] | None = None  # per-process slide handle
 
@@ -77,7 +86,12 @@ class TileBatches:
                 self._open[1].close()
             self._open = None
             job = self.jobs[j]
-            self._open = (j, TiffReader(job.path) if job.reader == "tifffile" else open_slide(job.path, mpp=job.mpp))
+            self._open = (
+                j,
+                TiffReader(job.path)
+                if job.reader == "tifffile"
+                else open_slide(job.path, mpp=job.mpp),
+            )
         return self._open[1]
 
     def __getitem__(self, i: int) -> dict:
@@ -87,11 +101,18 @@ class TileBatches:
         job = self.jobs[j]
         coords = job.coords[start : start + self.batch_size]
         try:
-            tiles = read_tiles(self._slide(j), coords, job, size=self.input_px, interpolation=self.interpolation)
+            tiles = read_tiles(
+                self._slide(j), coords, job, size=self.input_px, interpolation=self.interpolation
+            )
         except SlideError as exc:
             return {"job": j, "start": start, "tiles": torch.empty(0), "error": str(exc)}
         except Exception as exc:
-            return {"job": j, "start": start, "tiles": torch.empty(0), "error": f"{job.path}: {type(exc).__name__}: {exc}"}
+            return {
+                "job": j,
+                "start": start,
+                "tiles": torch.empty(0),
+                "error": f"{job.path}: {type(exc).__name__}: {exc}",
+            }
         return {"job": j, "start": start, "tiles": torch.from_numpy(tiles), "error": ""}
 
 
@@ -118,7 +139,15 @@ def row_runs(coords: np.ndarray, *, step_px: int, max_run: int) -> list[tuple[in
     return runs
 
 
-def read_tiles(slide, coords: np.ndarray, job: SlideJob, *, size: int, interpolation: str = "bilinear", max_run: int = 16) -> np.ndarray:
+def read_tiles(
+    slide,
+    coords: np.ndarray,
+    job: SlideJob,
+    *,
+    size: int,
+    interpolation: str = "bilinear",
+    max_run: int = 16,
+) -> np.ndarray:
     """Read and resize the tiles at ``coords`` of one slide.
 
     Horizontal neighbours are read as one region (one call, each stored JPEG tile decoded once)
@@ -135,7 +164,9 @@ def read_tiles(slide, coords: np.ndarray, job: SlideJob, *, size: int, interpola
             x, y = coords[first]
             strip = slide.read_region((int(x), int(y)), job.read_level, (k * r, r))
             for t in range(k):
-                out[first + t] = resize_tile(strip[:, t * r : (t + 1) * r], size, interpolation=interpolation)
+                out[first + t] = resize_tile(
+                    strip[:, t * r : (t + 1) * r], size, interpolation=interpolation
+                )
     else:
         for t, (x, y) in enumerate(coords):
             region = slide.read_region((int(x), int(y)), job.read_level, (r, r))
@@ -193,7 +224,10 @@ def can_group_reads(tile_attrs: dict) -> bool:
     """
     tile0 = int(tile_attrs["tile_px_level0"])
     ds = float(tile_attrs["read_downsample"])
-    return int(tile_attrs["stride_px_level0"]) == tile0 and abs(tile0 / ds - int(tile_attrs["read_px"])) < 1e-9
+    return (
+        int(tile_attrs["stride_px_level0"]) == tile0
+        and abs(tile0 / ds - int(tile_attrs["read_px"])) < 1e-9
+    )
 
 
 def pick_reader(path: str, choice: str, *, mpp: float | None = None) -> str:
@@ -214,7 +248,9 @@ def pick_reader(path: str, choice: str, *, mpp: float | None = None) -> str:
     except Exception:
         same = False
     if not same and choice == "tifffile":
-        raise SlideError(f"{path}: tifffile does not see the same pyramid as OpenSlide; use --reader openslide")
+        raise SlideError(
+            f"{path}: tifffile does not see the same pyramid as OpenSlide; use --reader openslide"
+        )
     return "tifffile" if same else "openslide"
 
 
@@ -279,7 +315,17 @@ def embed_on_devices(devices: list[str], argv: list[str]) -> int:
         else:
             env["CUDA_VISIBLE_DEVICES"] = dev
             device = "cuda"
-        cmd = [sys.executable, "-m", "wsimil.cli", "embed", *argv, "--device", device, "--shard", f"{i}/{n}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "wsimil.cli",
+            "embed",
+            *argv,
+            "--device",
+            device,
+            "--shard",
+            f"{i}/{n}",
+        ]
         procs.append(subprocess.Popen(cmd, env=env))
     codes = [p.wait() for p in procs]
     return next((c for c in codes if c), 0)
@@ -333,7 +379,10 @@ def run_embed(
         rows[sid] = row
         tstore = out_dir / "tiles" / f"{sid}.zarr"
         if not tstore.exists():
-            row.update(status="error", message=f"{sid}: no tile store at {tstore}; run `wsimil tile` first (or see tiles/status.jsonl)")
+            row.update(
+                status="error",
+                message=f"{sid}: no tile store at {tstore}; run `wsimil tile` first (or see tiles/status.jsonl)",
+            )
             continue
         tg = open_store(tstore)
         tattrs = dict(tg.attrs)
@@ -341,10 +390,15 @@ def run_embed(
         fstore = feat_dir / f"{sid}.zarr"
         state = store_status(fstore, chash)
         if state == "complete" and not overwrite:
-            row.update(status="skipped", message="complete store exists", n_tiles=int(tattrs["n_tiles"]))
+            row.update(
+                status="skipped", message="complete store exists", n_tiles=int(tattrs["n_tiles"])
+            )
             continue
         if state == "changed" and not overwrite:
-            row.update(status="error", message=f"{fstore}: made from other tiles or encoder settings; pass --overwrite to redo it")
+            row.update(
+                status="error",
+                message=f"{fstore}: made from other tiles or encoder settings; pass --overwrite to redo it",
+            )
             continue
         mpp = mpp_override(rec)
         jobs.append(
@@ -366,11 +420,18 @@ def run_embed(
     for job in [j for j in jobs if len(j.coords) == 0]:
         pending = _begin_store(feat_dir, job, ecfg.feature_dim, enc_attrs, device)
         pending.commit()
-        rows[job.slide_id].update(status="empty", message=f"{job.slide_id}: 0 tiles (see tiles/status.jsonl)")
+        rows[job.slide_id].update(
+            status="empty", message=f"{job.slide_id}: 0 tiles (see tiles/status.jsonl)"
+        )
     jobs = [j for j in jobs if len(j.coords) > 0]
 
     if jobs:
-        dataset = TileBatches(jobs, batch_size=cfg.batch_size, input_px=ecfg.input_px, interpolation=ecfg.interpolation)
+        dataset = TileBatches(
+            jobs,
+            batch_size=cfg.batch_size,
+            input_px=ecfg.input_px,
+            interpolation=ecfg.interpolation,
+        )
         loader = torch.utils.data.DataLoader(
             dataset,
             batch_size=None,
@@ -392,7 +453,10 @@ def run_embed(
         failed: set[int] = set()
         started: dict[int, float] = {}
         total = sum(len(j.coords) for j in jobs)
-        with progress_bar(console, f"embed ({ecfg.name}, {device})", total) as advance, torch.inference_mode():
+        with (
+            progress_bar(console, f"embed ({ecfg.name}, {device})", total) as advance,
+            torch.inference_mode(),
+        ):
             for item in loader:
                 j = item["job"]
                 job = jobs[j]
@@ -421,13 +485,20 @@ def run_embed(
                 if not np.all(np.isfinite(feats)):
                     pending.pop(j).abort()
                     failed.add(j)
-                    rows[job.slide_id].update(status="error", message=f"{job.path}: non-finite features; check the encoder and its weights")
+                    rows[job.slide_id].update(
+                        status="error",
+                        message=f"{job.path}: non-finite features; check the encoder and its weights",
+                    )
                     continue
                 writers[j].append(feats.astype(np.float16))
                 if writers[j].rows == len(job.coords):
                     writers.pop(j).flush()
                     pending.pop(j).commit()
-                    rows[job.slide_id].update(status="ok", n_tiles=len(job.coords), seconds=round(time.perf_counter() - started[j], 3))
+                    rows[job.slide_id].update(
+                        status="ok",
+                        n_tiles=len(job.coords),
+                        seconds=round(time.perf_counter() - started[j], 3),
+                    )
         for p in pending.values():  # only reachable if the loader stopped early
             p.abort()
 
@@ -439,13 +510,23 @@ def run_embed(
     return pd.DataFrame(list(rows.values()))
 
 
-def _begin_store(feat_dir: Path, job: SlideJob, dim: int, enc_attrs: dict, device: str) -> PendingStore:
+def _begin_store(
+    feat_dir: Path, job: SlideJob, dim: int, enc_attrs: dict, device: str
+) -> PendingStore:
     n = len(job.coords)
     pending = PendingStore(feat_dir / f"{job.slide_id}.zarr")
     g = pending.group
     chunk = max(1, min(n, 4096))
-    g.create_array("features", shape=(n, dim), dtype="float16", chunks=(chunk, dim), compressors=zstd_compressors())
-    coords = g.create_array("coords", shape=(n, 2), dtype="int32", chunks=(chunk, 2), compressors=zstd_compressors())
+    g.create_array(
+        "features",
+        shape=(n, dim),
+        dtype="float16",
+        chunks=(chunk, dim),
+        compressors=zstd_compressors(),
+    )
+    coords = g.create_array(
+        "coords", shape=(n, 2), dtype="int32", chunks=(chunk, 2), compressors=zstd_compressors()
+    )
     if n:
         coords[...] = job.coords
     tattrs = dict(job.tile_attrs)

@@ -56,8 +56,16 @@ def write_geojson(path: str | Path, table, *, tile_px_level0: int, slide_id: str
             feat = {
                 "type": "Feature",
                 "id": f"{slide_id}-{i}" if slide_id else str(i),
-                "geometry": {"type": "Polygon", "coordinates": [[[x, y], [x + t, y], [x + t, y + t], [x, y + t], [x, y]]]},
-                "properties": {"objectType": "tile", "name": f"tile {i}", "isLocked": True, "measurements": meas},
+                "geometry": {
+                    "type": "Polygon",
+                    "coordinates": [[[x, y], [x + t, y], [x + t, y + t], [x, y + t], [x, y]]],
+                },
+                "properties": {
+                    "objectType": "tile",
+                    "name": f"tile {i}",
+                    "isLocked": True,
+                    "measurements": meas,
+                },
             }
             fh.write(("," if i else "") + json.dumps(feat, separators=(",", ":")) + "\n")
         fh.write("]}\n")
@@ -83,7 +91,9 @@ def colour_lut(cmap: str) -> np.ndarray:
     return (matplotlib.colormaps[cmap](np.linspace(0, 1, 256))[:, :3] * 255 + 0.5).astype(np.uint8)
 
 
-def _level_sizes(width: int, height: int, *, min_long_side: int = 1024) -> list[tuple[int, int, int]]:
+def _level_sizes(
+    width: int, height: int, *, min_long_side: int = 1024
+) -> list[tuple[int, int, int]]:
     """(width, height, downsample) per level: halving until the long side is <= min_long_side."""
     out, d = [(width, height, 1)], 1
     while max(-(-width // d), -(-height // d)) > min_long_side:
@@ -140,17 +150,27 @@ def write_heatmap_tiff(
         raise ValueError(f"tile_px must be a multiple of 16, got {tile_px}")
     step = grid_step(coords, tile_px_level0)
     gh, gw = -(-int(height_px) // step), -(-int(width_px) // step)
-    heat, covered = paint_tiles(np.asarray(values, np.float64), np.asarray(coords), tile_px_level0=tile_px_level0, downsample=step, shape=(gh, gw))
+    heat, covered = paint_tiles(
+        np.asarray(values, np.float64),
+        np.asarray(coords),
+        tile_px_level0=tile_px_level0,
+        downsample=step,
+        shape=(gh, gw),
+    )
     lut = colour_lut(cmap)
     # grid colour index: 0..255 colour, 256 = white background
-    idx = np.where(covered, np.clip(np.rint(heat * 255), 0, 255).astype(np.int16), 256).astype(np.int16)
+    idx = np.where(covered, np.clip(np.rint(heat * 255), 0, 255).astype(np.int16), 256).astype(
+        np.int16
+    )
     palette = np.concatenate([lut, np.full((1, 3), 255, np.uint8)])
     cache: dict = {}
     stats = {"tiles_encoded": 0, "tiles_written": 0}
 
     def encode(tile: np.ndarray) -> bytes:
         stats["tiles_encoded"] += 1
-        return imagecodecs.jpeg8_encode(tile, level=quality, colorspace="RGB", outcolorspace="YCBCR", subsampling=(2, 2))
+        return imagecodecs.jpeg8_encode(
+            tile, level=quality, colorspace="RGB", outcolorspace="YCBCR", subsampling=(2, 2)
+        )
 
     def level_tiles(w: int, h: int, d: int) -> Iterator[bytes]:
         for ty in range(0, h, tile_px):
@@ -188,13 +208,34 @@ def write_heatmap_tiff(
     tmp = path.with_name(f".{path.name}.tmp.tiff")
     with tifffile.TiffWriter(tmp, bigtiff=True) as tw:
         for k, (w, h, d) in enumerate(levels):
-            extra = {} if mpp is None else dict(resolution=(1e4 / (mpp * d), 1e4 / (mpp * d)), resolutionunit="CENTIMETER")
-            tw.write(data=level_tiles(w, h, d), shape=(h, w, 3), subfiletype=1 if k else 0, **extra, **common)
+            extra = (
+                {}
+                if mpp is None
+                else dict(
+                    resolution=(1e4 / (mpp * d), 1e4 / (mpp * d)), resolutionunit="CENTIMETER"
+                )
+            )
+            tw.write(
+                data=level_tiles(w, h, d),
+                shape=(h, w, 3),
+                subfiletype=1 if k else 0,
+                **extra,
+                **common,
+            )
     tmp.replace(path)
     return {"levels": [(w, h) for w, h, _ in levels], "grid_step": step, **stats}
 
 
-def write_top_crops(slide, table, out_dir: str | Path, *, k: int, tile_px_level0: int, crop_px: int = 256, prefix: str = "") -> list[dict]:
+def write_top_crops(
+    slide,
+    table,
+    out_dir: str | Path,
+    *,
+    k: int,
+    tile_px_level0: int,
+    crop_px: int = 256,
+    prefix: str = "",
+) -> list[dict]:
     """Save the ``k`` highest-attention tiles as JPEG crops read from the slide.
 
     Parameters
@@ -229,7 +270,13 @@ def write_top_crops(slide, table, out_dir: str | Path, *, k: int, tile_px_level0
             im = im.resize((crop_px, crop_px), Image.Resampling.LANCZOS)
         name = f"{prefix}top{r:02d}_x{x}_y{y}.jpg"
         im.save(out_dir / name, quality=90)
-        rec = {"file": name, "rank": r, "x": x, "y": y, "attention": float(table["attention"].iloc[i])}
+        rec = {
+            "file": name,
+            "rank": r,
+            "x": x,
+            "y": y,
+            "attention": float(table["attention"].iloc[i]),
+        }
         if "attention_scaled" in table.columns:
             rec["attention_scaled"] = float(table["attention_scaled"].iloc[i])
         out.append(rec)

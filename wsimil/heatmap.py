@@ -50,7 +50,12 @@ def percentile_rank(values: np.ndarray) -> np.ndarray:
 
 
 def paint_tiles(
-    values: np.ndarray, coords: np.ndarray, *, tile_px_level0: int, downsample: float, shape: tuple[int, int]
+    values: np.ndarray,
+    coords: np.ndarray,
+    *,
+    tile_px_level0: int,
+    downsample: float,
+    shape: tuple[int, int],
 ) -> tuple[np.ndarray, np.ndarray]:
     """Average tile values per pixel of an image at ``downsample`` level-0 px per pixel.
 
@@ -136,7 +141,14 @@ def _save_png(img: np.ndarray, path: Path) -> None:
 
 
 def render_overlay(
-    thumb: np.ndarray, heat: np.ndarray, covered: np.ndarray, *, cmap: str, alpha: float, title: str = "", outline: np.ndarray | None = None
+    thumb: np.ndarray,
+    heat: np.ndarray,
+    covered: np.ndarray,
+    *,
+    cmap: str,
+    alpha: float,
+    title: str = "",
+    outline: np.ndarray | None = None,
 ) -> np.ndarray:
     """Blend ``heat`` (values in [0, 1]) over ``thumb`` and add a colour bar on the right.
 
@@ -210,7 +222,9 @@ def slide_scores(model, std, features: np.ndarray) -> tuple[float, dict[str, np.
     }
 
 
-def bounded_thumbnail(slide, max_px: int, *, band_bytes: int = 64 * 2**20) -> tuple[np.ndarray, float]:
+def bounded_thumbnail(
+    slide, max_px: int, *, band_bytes: int = 64 * 2**20
+) -> tuple[np.ndarray, float]:
     """A thumbnail whose long side is ``max_px`` (or less), read in bands of one pyramid level.
 
     Memory stays near ``band_bytes`` + the output whatever the level's size: each band is
@@ -277,16 +291,30 @@ def export_slide(
 
     out_dir = Path(out_dir)
     secs: dict[str, float] = {}
-    res: dict = {"overlay": f"{slide_id}.png", "thumbnail": f"{slide_id}.thumb.jpg", "geojson": None, "tiff": None, "top": []}
+    res: dict = {
+        "overlay": f"{slide_id}.png",
+        "thumbnail": f"{slide_id}.thumb.jpg",
+        "geojson": None,
+        "tiff": None,
+        "top": [],
+    }
     coords = table[["x", "y"]].to_numpy(np.int64)
     scaled = table["attention_scaled"].to_numpy(np.float64)
 
     t0 = time.perf_counter()
     thumb, ds = bounded_thumbnail(slide, cfg.thumbnail_px)
-    heat, covered = paint_tiles(scaled, coords, tile_px_level0=tile_px_level0, downsample=ds, shape=thumb.shape[:2])
+    heat, covered = paint_tiles(
+        scaled, coords, tile_px_level0=tile_px_level0, downsample=ds, shape=thumb.shape[:2]
+    )
     heat = smooth_heat(heat, covered, sigma_px=cfg.smooth_tiles * tile_px_level0 / ds)
-    outline = tissue_outline(tissue[0], thumb.shape[:2]) if (tissue is not None and cfg.tissue_outline) else None
-    img = render_overlay(thumb, heat, covered, cmap=cfg.cmap, alpha=cfg.alpha, title=title, outline=outline)
+    outline = (
+        tissue_outline(tissue[0], thumb.shape[:2])
+        if (tissue is not None and cfg.tissue_outline)
+        else None
+    )
+    img = render_overlay(
+        thumb, heat, covered, cmap=cfg.cmap, alpha=cfg.alpha, title=title, outline=outline
+    )
     _save_png(img, out_dir / res["overlay"])
     tmp = out_dir / f".{slide_id}.thumb.tmp.jpg"
     Image.fromarray(thumb).save(tmp, quality=85)
@@ -296,17 +324,35 @@ def export_slide(
     if cfg.geojson:
         t0 = time.perf_counter()
         res["geojson"] = f"{slide_id}.geojson"
-        write_geojson(out_dir / res["geojson"], table, tile_px_level0=tile_px_level0, slide_id=slide_id)
+        write_geojson(
+            out_dir / res["geojson"], table, tile_px_level0=tile_px_level0, slide_id=slide_id
+        )
         secs["geojson"] = time.perf_counter() - t0
     if cfg.pyramid_tiff:
         t0 = time.perf_counter()
         res["tiff"] = f"{slide_id}.heatmap.tiff"
         w, h = slide.dimensions
-        write_heatmap_tiff(out_dir / res["tiff"], scaled, coords, tile_px_level0=tile_px_level0, width_px=w, height_px=h, mpp=slide.mpp, cmap=cfg.cmap)
+        write_heatmap_tiff(
+            out_dir / res["tiff"],
+            scaled,
+            coords,
+            tile_px_level0=tile_px_level0,
+            width_px=w,
+            height_px=h,
+            mpp=slide.mpp,
+            cmap=cfg.cmap,
+        )
         secs["tiff"] = time.perf_counter() - t0
     if cfg.top_k > 0:
         t0 = time.perf_counter()
-        res["top"] = write_top_crops(slide, table, out_dir / f"{slide_id}_top", k=cfg.top_k, tile_px_level0=tile_px_level0, crop_px=cfg.crop_px)
+        res["top"] = write_top_crops(
+            slide,
+            table,
+            out_dir / f"{slide_id}_top",
+            k=cfg.top_k,
+            tile_px_level0=tile_px_level0,
+            crop_px=cfg.crop_px,
+        )
         secs["top"] = time.perf_counter() - t0
     res["seconds"] = secs
     return res
@@ -318,7 +364,9 @@ def _tissue_of(tile_store: Path) -> tuple[np.ndarray, float] | None:
         return None
     try:
         g = open_store(tile_store)
-        return np.asarray(g["tissue_mask"][...]), float(dict(g.attrs).get("mask_downsample", 0) or 0)
+        return np.asarray(g["tissue_mask"][...]), float(
+            dict(g.attrs).get("mask_downsample", 0) or 0
+        )
     except (KeyError, OSError, ValueError):
         return None
 
@@ -354,7 +402,9 @@ def run_heatmap(
     model_dir = out_dir / "models" / model_name
     ckpt = model_dir / "checkpoint.pt"
     if not ckpt.exists():
-        raise FileNotFoundError(f"{ckpt}: no trained model {model_name!r}; run `wsimil train` first or pass --model")
+        raise FileNotFoundError(
+            f"{ckpt}: no trained model {model_name!r}; run `wsimil train` first or pass --model"
+        )
     model, std, meta = load_checkpoint(ckpt)
     encoder = meta["encoder"]
     feat_dir = out_dir / "features" / encoder_dir_name(encoder)
@@ -371,27 +421,47 @@ def run_heatmap(
             label = getattr(rec, label_col, None)
             if label is not None and pd.isna(label):
                 label = None
-            row = {"slide_id": sid, "status": "", "probability": np.nan, "prediction": -1, "label": label, "message": ""}
+            row = {
+                "slide_id": sid,
+                "status": "",
+                "probability": np.nan,
+                "prediction": -1,
+                "label": label,
+                "message": "",
+            }
             try:
                 store = feat_dir / f"{sid}.zarr"
                 if not store.exists():
-                    raise SlideError(f"{sid}: no features at {store}; run `wsimil embed --encoder {encoder}` first")
+                    raise SlideError(
+                        f"{sid}: no features at {store}; run `wsimil embed --encoder {encoder}` first"
+                    )
                 g = open_store(store)
                 attrs = dict(g.attrs)
                 if attrs["encoder"]["name"] != encoder:
-                    raise SlideError(f"{sid}: features from encoder {attrs['encoder']['name']!r} but the model was trained on {encoder!r}; re-embed with --encoder {encoder}")
+                    raise SlideError(
+                        f"{sid}: features from encoder {attrs['encoder']['name']!r} but the model was trained on {encoder!r}; re-embed with --encoder {encoder}"
+                    )
                 feats = np.asarray(g["features"][...], dtype=np.float32)
                 if len(feats) == 0:
                     # Still show the reviewer the slide, marked as having no tissue tiles.
                     with open_slide(rec.path, mpp=mpp_override(rec)) as slide:
                         thumb, _ = bounded_thumbnail(slide, cfg.thumbnail_px)
                     empty = np.zeros(thumb.shape[:2], np.float32)
-                    img = render_overlay(thumb, empty, empty > 0, cmap=cfg.cmap, alpha=cfg.alpha, title=f"{sid}  no tissue tiles")
+                    img = render_overlay(
+                        thumb,
+                        empty,
+                        empty > 0,
+                        cmap=cfg.cmap,
+                        alpha=cfg.alpha,
+                        title=f"{sid}  no tissue tiles",
+                    )
                     _save_png(img, hm_dir / f"{sid}.png")
                     row.update(status="empty", message=f"{sid}: 0 tiles, thumbnail only")
                 else:
                     if feats.shape[1] != meta["in_dim"]:
-                        raise SlideError(f"{sid}: feature dim {feats.shape[1]} does not match the model's {meta['in_dim']}; re-embed with --encoder {encoder}")
+                        raise SlideError(
+                            f"{sid}: feature dim {feats.shape[1]} does not match the model's {meta['in_dim']}; re-embed with --encoder {encoder}"
+                        )
                     coords = np.asarray(g["coords"][...])
                     prob, per_tile = slide_scores(model, std, feats)
                     tiles = attrs["tiles"]
@@ -401,11 +471,22 @@ def run_heatmap(
                     tmp.replace(hm_dir / f"{sid}.csv")
                     with open_slide(rec.path, mpp=mpp_override(rec)) as slide:
                         if slide.dimensions != (tiles["width_px"], tiles["height_px"]):
-                            raise SlideError(f"{rec.path}: slide is {slide.dimensions} px but was tiled at {(tiles['width_px'], tiles['height_px'])}; re-run tile and embed")
-                        title = f"{sid}  p={prob:.3f}" + (f"  label={label}" if label is not None else "")
+                            raise SlideError(
+                                f"{rec.path}: slide is {slide.dimensions} px but was tiled at {(tiles['width_px'], tiles['height_px'])}; re-run tile and embed"
+                            )
+                        title = f"{sid}  p={prob:.3f}" + (
+                            f"  label={label}" if label is not None else ""
+                        )
                         tissue = _tissue_of(out_dir / "tiles" / f"{sid}.zarr")
                         pages[sid] = export_slide(
-                            slide, table, slide_id=sid, tile_px_level0=int(tiles["tile_px_level0"]), out_dir=hm_dir, cfg=cfg, title=title, tissue=tissue
+                            slide,
+                            table,
+                            slide_id=sid,
+                            tile_px_level0=int(tiles["tile_px_level0"]),
+                            out_dir=hm_dir,
+                            cfg=cfg,
+                            title=title,
+                            tissue=tissue,
                         )
                     pages[sid]["n_tiles"] = len(table)
                     row.update(status="ok", probability=prob, prediction=int(prob >= 0.5))
@@ -420,7 +501,9 @@ def run_heatmap(
             rows.append(row)
             advance()
     df = pd.DataFrame(rows)
-    df[df.status == "ok"][["slide_id", "probability", "prediction", "label"]].to_csv(hm_dir / "predictions.csv", index=False)
+    df[df.status == "ok"][["slide_id", "probability", "prediction", "label"]].to_csv(
+        hm_dir / "predictions.csv", index=False
+    )
     if cfg.review_page:
         write_review_pages(hm_dir, df, pages, model_name=model_name)
     return df

@@ -14,7 +14,9 @@ class ManifestError(ValueError):
     """A manifest that cannot be used; the message names the file and what to fix."""
 
 
-def read_manifest(path: str | Path, *, require_label: bool = False, label_column: str = "label") -> pd.DataFrame:
+def read_manifest(
+    path: str | Path, *, require_label: bool = False, label_column: str = "label"
+) -> pd.DataFrame:
     """Read and validate a manifest.
 
     Relative slide paths are resolved against the manifest's folder. Returns a DataFrame with
@@ -27,17 +29,26 @@ def read_manifest(path: str | Path, *, require_label: bool = False, label_column
         df = pd.read_csv(path, dtype={"slide_id": str, "case_id": str})
     except Exception as exc:
         raise ManifestError(f"{path}: cannot read manifest CSV: {exc}") from exc
-    missing = [c for c in REQUIRED + ((label_column,) if require_label else ()) if c not in df.columns]
+    missing = [
+        c for c in REQUIRED + ((label_column,) if require_label else ()) if c not in df.columns
+    ]
     if missing:
-        raise ManifestError(f"{path}: manifest lacks column(s) {', '.join(missing)}; it needs slide_id, path and label")
+        raise ManifestError(
+            f"{path}: manifest lacks column(s) {', '.join(missing)}; it needs slide_id, path and label"
+        )
     df["slide_id"] = df["slide_id"].astype(str).str.strip()
     dups = df["slide_id"][df["slide_id"].duplicated()].unique().tolist()
     if dups:
-        raise ManifestError(f"{path}: duplicate slide_id(s) {', '.join(dups[:5])}; slide_id must be unique")
+        raise ManifestError(
+            f"{path}: duplicate slide_id(s) {', '.join(dups[:5])}; slide_id must be unique"
+        )
     base = path.parent.resolve()
     for col in PATH_COLUMNS:
         if col in df.columns:
-            df[col] = [p if pd.isna(p) else str(p if Path(p).is_absolute() else (base / p)) for p in df[col]]
+            df[col] = [
+                p if pd.isna(p) else str(p if Path(p).is_absolute() else (base / p))
+                for p in df[col]
+            ]
     if "mpp" in df.columns:
         df["mpp"] = pd.to_numeric(df["mpp"], errors="coerce")
     if require_label:

@@ -73,7 +73,9 @@ def create_mil(name: str, in_dim: int, **kwargs) -> MILModel:
         (an ``nn.Module``, ``"mlp"`` or ``"lenet"``).
     """
     if name not in _REGISTRY:
-        raise ValueError(f"unknown MIL model {name!r}; choose one of {', '.join(list_mil_models())}")
+        raise ValueError(
+            f"unknown MIL model {name!r}; choose one of {', '.join(list_mil_models())}"
+        )
     return _REGISTRY[name](in_dim, **kwargs)
 
 
@@ -97,7 +99,12 @@ class LeNetEncoder(nn.Module):
         super().__init__()
         self.side = side
         self.conv = nn.Sequential(
-            nn.Conv2d(1, 20, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(20, 50, 5), nn.ReLU(), nn.MaxPool2d(2)
+            nn.Conv2d(1, 20, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(20, 50, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
         )
         n = ((side - 4) // 2 - 4) // 2
         self.fc = nn.Sequential(nn.Linear(50 * n * n, out_dim), nn.ReLU(), nn.Dropout(dropout))
@@ -118,7 +125,9 @@ def check_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     if mask.shape != x.shape[:2]:
         raise ValueError(f"mask shape {tuple(mask.shape)} does not match bags {tuple(x.shape[:2])}")
     if x.shape[1] == 0 or not bool(mask.any(dim=1).all()):
-        raise ValueError("empty bag: every bag needs at least one instance (slides with 0 tiles are skipped upstream)")
+        raise ValueError(
+            "empty bag: every bag needs at least one instance (slides with 0 tiles are skipped upstream)"
+        )
     return mask
 
 
@@ -150,7 +159,9 @@ class MILModel(nn.Module):
         elif isinstance(instance_encoder, nn.Module):
             self.f = instance_encoder
         else:
-            raise ValueError(f"unknown instance encoder {instance_encoder!r}; use 'mlp', 'lenet' or an nn.Module")
+            raise ValueError(
+                f"unknown instance encoder {instance_encoder!r}; use 'mlp', 'lenet' or an nn.Module"
+            )
         hidden_dim = self.hidden_dim
         self.g = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden_dim, 1))
 

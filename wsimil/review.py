@@ -46,9 +46,9 @@ def _verdict(label, prediction) -> tuple[str, str]:
 
 def _page(title: str, body: str) -> str:
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        f"<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\"><title>{escape(title)}</title>"
-        f"<link rel=\"icon\" href=\"data:,\"><style>{_CSS}</style></head><body>\n{body}\n</body></html>\n"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width,initial-scale=1"><title>{escape(title)}</title>'
+        f'<link rel="icon" href="data:,"><style>{_CSS}</style></head><body>\n{body}\n</body></html>\n'
     )
 
 
@@ -58,7 +58,9 @@ def _write(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def write_review_pages(out_dir: str | Path, results: pd.DataFrame, pages: dict[str, dict], *, model_name: str = "") -> Path:
+def write_review_pages(
+    out_dir: str | Path, results: pd.DataFrame, pages: dict[str, dict], *, model_name: str = ""
+) -> Path:
     """Write ``index.html`` (all slides by probability) and a page per successful slide.
 
     Parameters
@@ -80,7 +82,11 @@ def write_review_pages(out_dir: str | Path, results: pd.DataFrame, pages: dict[s
     df["_p"] = df["probability"].fillna(-1.0)
     df = df.sort_values(["_p", "slide_id"], ascending=[False, True])
     ok = df[df.status == "ok"]
-    n_lab = [(r.label, r.prediction) for r in ok.itertuples() if _verdict(r.label, r.prediction)[1] != "na"]
+    n_lab = [
+        (r.label, r.prediction)
+        for r in ok.itertuples()
+        if _verdict(r.label, r.prediction)[1] != "na"
+    ]
     n_right = sum(_verdict(lab, p)[1] == "ok" for lab, p in n_lab)
     acc = f"{n_right}/{len(n_lab)} correct" if n_lab else "no labels"
     rows = []
@@ -95,7 +101,7 @@ def write_review_pages(out_dir: str | Path, results: pd.DataFrame, pages: dict[s
             over = f'<img class="pair" loading="lazy" alt="attention overlay of {escape(sid)}" src="{_href(info.get("overlay", sid + ".png"))}">'
             rows.append(
                 f'<tr class="slide" id="row-{escape(sid)}"><td><a href="{link}">{escape(sid)}</a><br><small>{info.get("n_tiles", "")} tiles</small></td>'
-                f"<td>{r.probability:.3f}</td><td>{int(r.prediction)}</td><td>{label}</td><td class=\"{cls}\">{text}</td>"
+                f'<td>{r.probability:.3f}</td><td>{int(r.prediction)}</td><td>{label}</td><td class="{cls}">{text}</td>'
                 f"<td>{thumb}</td><td>{over}</td></tr>"
             )
         else:
@@ -109,7 +115,9 @@ def write_review_pages(out_dir: str | Path, results: pd.DataFrame, pages: dict[s
         "Overlay: per-slide min-max rescaled attention (red = highest); click a slide for its top tiles. "
         '<a href="predictions.csv">predictions.csv</a></p>'
         "<table><thead><tr><th>slide</th><th>probability</th><th>prediction</th><th>label</th><th>result</th>"
-        "<th>thumbnail</th><th>attention overlay</th></tr></thead><tbody>\n" + "\n".join(rows) + "\n</tbody></table>"
+        "<th>thumbnail</th><th>attention overlay</th></tr></thead><tbody>\n"
+        + "\n".join(rows)
+        + "\n</tbody></table>"
     )
     index = out_dir / "index.html"
     _write(index, _page(f"wsimil heatmaps {model_name}", body))
@@ -134,10 +142,12 @@ def write_review_pages(out_dir: str | Path, results: pd.DataFrame, pages: dict[s
         body = (
             f'<p><a href="index.html">&larr; all slides</a></p><h1>{escape(sid)}</h1>'
             f"<p>probability <b>{r.probability:.3f}</b>, prediction {int(r.prediction)}, label {label or 'n/a'}, "
-            f'<span class="{cls}">{text}</span>; {info.get("n_tiles", "")} tiles. ' + " &middot; ".join(exports) + "</p>"
+            f'<span class="{cls}">{text}</span>; {info.get("n_tiles", "")} tiles. '
+            + " &middot; ".join(exports)
+            + "</p>"
             f'<div class="side"><img alt="thumbnail" src="{_href(info.get("thumbnail", sid + ".thumb.jpg"))}">'
             f'<img alt="attention overlay" src="{_href(info.get("overlay", sid + ".png"))}"></div>'
-            f"<h2>Top {len(figs)} attended tiles</h2><div class=\"tiles\">{''.join(figs) or '<p>none saved</p>'}</div>"
+            f'<h2>Top {len(figs)} attended tiles</h2><div class="tiles">{"".join(figs) or "<p>none saved</p>"}</div>'
         )
         _write(out_dir / f"{sid}.html", _page(f"{sid} - wsimil", body))
     return index

@@ -91,7 +91,9 @@ class Slide:
         return best
 
     # -- pixels -----------------------------------------------------------------------------
-    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+    def read_region(
+        self, location: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> np.ndarray:
         """Read pixels.
 
         Parameters
@@ -163,7 +165,9 @@ def _rgba_to_rgb_white(arr: np.ndarray) -> np.ndarray:
     if alpha.min() == 255:
         return rgb
     clear = alpha < 255
-    rgb[clear] = np.minimum(rgb[clear].astype(np.uint16) + (255 - alpha[clear, None]), 255).astype(np.uint8)
+    rgb[clear] = np.minimum(rgb[clear].astype(np.uint16) + (255 - alpha[clear, None]), 255).astype(
+        np.uint8
+    )
     return rgb
 
 
@@ -193,7 +197,9 @@ class OpenSlideReader(Slide):
         try:
             img = self._osr.read_region((int(location[0]), int(location[1])), int(level), (w, h))
         except Exception as exc:  # openslide raises OpenSlideError on corrupt tiles
-            raise SlideError(f"{self.path}: cannot read region {tuple(location)} level {level}: {exc}") from exc
+            raise SlideError(
+                f"{self.path}: cannot read region {tuple(location)} level {level}: {exc}"
+            ) from exc
         return _rgba_to_rgb_white(np.asarray(img))
 
     def close(self):
@@ -212,7 +218,9 @@ def _openslide_mpp(props) -> float | None:
         res = float(props.get("tiff.XResolution") or 0)
     except ValueError:
         res = 0.0
-    um_per_unit = {"inch": 25_400.0, "centimeter": 10_000.0}.get(props.get("tiff.ResolutionUnit", ""))
+    um_per_unit = {"inch": 25_400.0, "centimeter": 10_000.0}.get(
+        props.get("tiff.ResolutionUnit", "")
+    )
     if res > 1 and um_per_unit:
         return um_per_unit / res
     return None
@@ -241,7 +249,9 @@ class TiffReader(Slide):
             dims.append((int(w), int(h)))
             self._levels.append(lvl)
         self._axes = series.levels[0].axes
-        self._arrays = [zarr.open(self._tif.aszarr(series=0, level=i), mode="r") for i in range(len(dims))]
+        self._arrays = [
+            zarr.open(self._tif.aszarr(series=0, level=i), mode="r") for i in range(len(dims))
+        ]
         self.level_dimensions = tuple(dims)
         self.level_downsamples = tuple(dims[0][0] / d[0] for d in dims)
         self.mpp = _tiff_mpp(self._tif)
@@ -269,7 +279,9 @@ class TiffReader(Slide):
         try:
             data = np.asarray(arr[tuple(sl)])
         except Exception as exc:
-            raise SlideError(f"{self.path}: cannot read region {tuple(location)} level {level}: {exc}") from exc
+            raise SlideError(
+                f"{self.path}: cannot read region {tuple(location)} level {level}: {exc}"
+            ) from exc
         data = _to_hwc(data, [a for a in self._axes if a in "YXCS"])
         out[ys - y0 : ye - y0, xs - x0 : xe - x0] = data
         return out
@@ -328,7 +340,9 @@ class ImageReader(Slide):
         super().__init__(path)
         with Image.open(path) as im:
             if im.width * im.height > self.max_pixels:
-                raise SlideError(f"{path}: {im.width} x {im.height} px is too large for a plain image; convert it to a tiled pyramidal TIFF")
+                raise SlideError(
+                    f"{path}: {im.width} x {im.height} px is too large for a plain image; convert it to a tiled pyramidal TIFF"
+                )
             if im.mode in ("RGBA", "LA", "P"):
                 im = im.convert("RGBA")
                 self._img = _rgba_to_rgb_white(_premultiply(np.asarray(im)))

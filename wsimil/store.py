@@ -152,7 +152,9 @@ class StatusLog:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
-    def write(self, slide_id: str, status: str, message: str = "", seconds: float = 0.0, **extra) -> None:
+    def write(
+        self, slide_id: str, status: str, message: str = "", seconds: float = 0.0, **extra
+    ) -> None:
         line = {
             "slide_id": slide_id,
             "status": status,

@@ -87,7 +87,9 @@ def grid_coords(width_px: int, height_px: int, *, tile_px: int, stride_px: int) 
     return np.stack([xx.ravel(), yy.ravel()], axis=1).astype(np.int32)
 
 
-def tile_fractions(mask: np.ndarray, coords: np.ndarray, *, tile_px: int, downsample: float) -> np.ndarray:
+def tile_fractions(
+    mask: np.ndarray, coords: np.ndarray, *, tile_px: int, downsample: float
+) -> np.ndarray:
     """Fraction of each tile covered by ``mask``.
 
     Parameters
@@ -119,7 +121,9 @@ def tile_fractions(mask: np.ndarray, coords: np.ndarray, *, tile_px: int, downsa
     return (s / area).astype(np.float32)
 
 
-def slide_tissue_mask(slide: Slide, cfg: TileConfig, *, mask_file: str | Path | None = None) -> tuple[np.ndarray, float]:
+def slide_tissue_mask(
+    slide: Slide, cfg: TileConfig, *, mask_file: str | Path | None = None
+) -> tuple[np.ndarray, float]:
     """Tissue mask at about ``cfg.mask_mpp`` from a low-resolution level (never a big level 0).
 
     A slide whose finest usable level is too big to hold (no pyramid) is read in bounded
@@ -160,7 +164,11 @@ def slide_tissue_mask(slide: Slide, cfg: TileConfig, *, mask_file: str | Path | 
 
 
 def low_res_image(
-    slide: Slide, size: tuple[int, int], *, max_level_px: int = 64_000_000, max_strip_px: int = 16_000_000
+    slide: Slide,
+    size: tuple[int, int],
+    *,
+    max_level_px: int = 64_000_000,
+    max_strip_px: int = 16_000_000,
 ) -> np.ndarray:
     """The whole slide resized to ``size`` = (w, h), read from the best level.
 
@@ -199,7 +207,9 @@ def low_res_image(
         from PIL import Image
 
         # Area-averaging (box) reduction: antialiased and much faster than a Gaussian prefilter.
-        rgb = np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).resize((mw, mh), Image.Resampling.BOX))
+        rgb = np.asarray(
+            Image.fromarray(np.ascontiguousarray(rgb)).resize((mw, mh), Image.Resampling.BOX)
+        )
     return rgb
 
 
@@ -246,8 +256,12 @@ def write_qc_image(slide: Slide, result: dict, path: Path, *, max_px: int) -> No
     ds = w0 / thumb.shape[1]
     img = thumb.copy()
     m = result["mask"]
-    rows = np.minimum((np.arange(thumb.shape[0]) + 0.5) * m.shape[0] / thumb.shape[0], m.shape[0] - 1).astype(int)
-    cols = np.minimum((np.arange(thumb.shape[1]) + 0.5) * m.shape[1] / thumb.shape[1], m.shape[1] - 1).astype(int)
+    rows = np.minimum(
+        (np.arange(thumb.shape[0]) + 0.5) * m.shape[0] / thumb.shape[0], m.shape[0] - 1
+    ).astype(int)
+    cols = np.minimum(
+        (np.arange(thumb.shape[1]) + 0.5) * m.shape[1] / thumb.shape[1], m.shape[1] - 1
+    ).astype(int)
     mask = m[rows][:, cols]
     edge = find_boundaries(mask, mode="inner")
     img[edge] = (0, 200, 0)
@@ -296,10 +310,14 @@ def run_tile(
 
     missing = [c for c in ("slide_id", "path") if c not in manifest.columns]
     if missing:
-        raise ValueError(f"manifest lacks column(s) {', '.join(missing)}; it needs slide_id and path")
+        raise ValueError(
+            f"manifest lacks column(s) {', '.join(missing)}; it needs slide_id and path"
+        )
     dups = manifest["slide_id"][manifest["slide_id"].duplicated()].astype(str).unique().tolist()
     if dups:
-        raise ValueError(f"manifest has duplicate slide_id(s) {', '.join(dups[:5])}; slide_id must be unique")
+        raise ValueError(
+            f"manifest has duplicate slide_id(s) {', '.join(dups[:5])}; slide_id must be unique"
+        )
     tiles_dir = Path(out_dir) / "tiles"
     tiles_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, tiles_dir / "config.yaml")
@@ -314,20 +332,36 @@ def run_tile(
             logged = True
             with slide_lock(tiles_dir, sid) as mine:
                 if mine:
-                    logged = _tile_one(rec, sid, tiles_dir, cfg, chash, row, overwrite=overwrite, mask=mask)
+                    logged = _tile_one(
+                        rec, sid, tiles_dir, cfg, chash, row, overwrite=overwrite, mask=mask
+                    )
                 else:
                     row.update(status="skipped", message="in progress elsewhere")
             row["seconds"] = round(time.perf_counter() - t0, 3)
             if logged:
-                log.write(sid, row["status"], row["message"], row["seconds"], n_tiles=row["n_tiles"])
+                log.write(
+                    sid, row["status"], row["message"], row["seconds"], n_tiles=row["n_tiles"]
+                )
             if row["status"] == "error" and console is not None:
                 console.print(f"[red]error[/red] {row['message']}")
             rows.append(row)
             advance()
-    return pd.DataFrame(rows, columns=["slide_id", "status", "n_tiles", "tissue_mm2", "message", "seconds"])
+    return pd.DataFrame(
+        rows, columns=["slide_id", "status", "n_tiles", "tissue_mm2", "message", "seconds"]
+    )
 
 
-def _tile_one(rec, sid: str, tiles_dir: Path, cfg: TileConfig, chash: str, row: dict, *, overwrite: bool, mask: str | None) -> bool:
+def _tile_one(
+    rec,
+    sid: str,
+    tiles_dir: Path,
+    cfg: TileConfig,
+    chash: str,
+    row: dict,
+    *,
+    overwrite: bool,
+    mask: str | None,
+) -> bool:
     """Tile one slide while holding its lock; fills ``row``. Returns whether to log the attempt."""
     from .locks import remove_slide_temps
 
@@ -353,27 +387,40 @@ def _tile_one(rec, sid: str, tiles_dir: Path, cfg: TileConfig, chash: str, row: 
             mask_file = resolve_mask_path(str(mask), sid)
         mpp = mpp_override(rec)
         if mpp is not None and not mpp > 0:
-            raise SlideError(f"{path}: mpp {mpp} in the manifest is not positive; fix the 'mpp' column")
+            raise SlideError(
+                f"{path}: mpp {mpp} in the manifest is not positive; fix the 'mpp' column"
+            )
         with open_slide(path, mpp=mpp) as slide:
             result = tile_slide(slide, cfg, mask_file=mask_file)
             write_qc_image(slide, result, tiles_dir / f"{sid}.qc.png", max_px=cfg.qc_px)
             _write_tile_store(store, slide, result, cfg, chash, sid)
         n = len(result["coords"])
-        area = float(result["mask"].sum()) * (result["mask_downsample"] * result["geometry"].slide_mpp) ** 2 / 1e6
+        area = (
+            float(result["mask"].sum())
+            * (result["mask_downsample"] * result["geometry"].slide_mpp) ** 2
+            / 1e6
+        )
         if n == 0:
-            why = "slide smaller than one tile" if result["n_candidates"] == 0 else "no tissue found"
+            why = (
+                "slide smaller than one tile" if result["n_candidates"] == 0 else "no tissue found"
+            )
             row.update(status="empty", message=f"{path}: {why}; 0 tiles")
         else:
             row.update(status="ok")
         row.update(n_tiles=n, tissue_mm2=round(area, 3))
     except (SlideError, ValueError) as exc:
-        row.update(status="error", message=str(exc).splitlines()[0] if str(exc) else f"{path}: {type(exc).__name__}")
+        row.update(
+            status="error",
+            message=str(exc).splitlines()[0] if str(exc) else f"{path}: {type(exc).__name__}",
+        )
     except Exception as exc:  # one bad slide must not stop the cohort
         row.update(status="error", message=f"{path}: {type(exc).__name__}: {exc}".splitlines()[0])
     return True
 
 
-def _write_tile_store(store: Path, slide: Slide, result: dict, cfg: TileConfig, chash: str, slide_id: str) -> None:
+def _write_tile_store(
+    store: Path, slide: Slide, result: dict, cfg: TileConfig, chash: str, slide_id: str
+) -> None:
     geom: TileGeometry = result["geometry"]
     info = slide.info()
     with atomic_store(store) as g:

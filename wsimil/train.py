@@ -22,10 +22,21 @@ from .config import TrainConfig, save_config
 from .cv import Fold, column_split, holdout_split, kfold_splits
 from .mil import create_mil
 
-__all__ = ["Bag", "load_slide_bags", "read_mil_table", "fit", "predict_bags", "run_train", "train_bags", "load_checkpoint"]
+__all__ = [
+    "Bag",
+    "load_slide_bags",
+    "read_mil_table",
+    "fit",
+    "predict_bags",
+    "run_train",
+    "train_bags",
+    "load_checkpoint",
+]
 
 
-def split_bags(bags: list[Bag], *, test_fraction: float, val_fraction: float, seed: int) -> dict[str, str]:
+def split_bags(
+    bags: list[Bag], *, test_fraction: float, val_fraction: float, seed: int
+) -> dict[str, str]:
     """Seeded holdout split (see :func:`wsimil.cv.holdout_split`)."""
     return holdout_split(bags, test_fraction=test_fraction, val_fraction=val_fraction, seed=seed)
 
@@ -73,7 +84,9 @@ class Standardiser:
 
         n = sum(b.features.shape[0] for b in bags)
         mean = sum(x.sum(0, dtype=np.float64) for b in bags for x in blocks(b.features)) / n
-        ss = sum(((x - mean) ** 2).sum(0, dtype=np.float64) for b in bags for x in blocks(b.features))
+        ss = sum(
+            ((x - mean) ** 2).sum(0, dtype=np.float64) for b in bags for x in blocks(b.features)
+        )
         return cls(mean, np.sqrt(ss / max(n - 1, 1)))
 
     def __call__(self, features) -> torch.Tensor:
@@ -114,7 +127,13 @@ def model_kwargs(cfg: TrainConfig) -> dict:
 
 
 def fit(
-    train: list[Bag], val: list[Bag], cfg: TrainConfig, *, seed: int | None = None, memory_budget_gb: float = 8.0, console=None
+    train: list[Bag],
+    val: list[Bag],
+    cfg: TrainConfig,
+    *,
+    seed: int | None = None,
+    memory_budget_gb: float = 8.0,
+    console=None,
 ) -> tuple[torch.nn.Module, Standardiser, pd.DataFrame, int]:
     """Train a MIL model, one bag per step; early stopping on the validation loss; returns the best model.
 
@@ -131,17 +150,27 @@ def fit(
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     in_dim = train[0].features.shape[1]
-    std = Standardiser.fit(train) if cfg.standardise else Standardiser(np.zeros(in_dim), np.ones(in_dim))
+    std = (
+        Standardiser.fit(train)
+        if cfg.standardise
+        else Standardiser(np.zeros(in_dim), np.ones(in_dim))
+    )
     budget = memory_budget_gb * 2**30
-    xs_train = BagTensors(train, std, budget_bytes=budget * len(train) / max(len(train) + len(val), 1))
+    xs_train = BagTensors(
+        train, std, budget_bytes=budget * len(train) / max(len(train) + len(val), 1)
+    )
     xs_val = BagTensors(val, std, budget_bytes=budget * len(val) / max(len(train) + len(val), 1))
     if console is not None and xs_train.n_streamed + xs_val.n_streamed:
-        console.print(f"  {xs_train.n_streamed + xs_val.n_streamed} of {len(train) + len(val)} bags read from their stores at each use")
+        console.print(
+            f"  {xs_train.n_streamed + xs_val.n_streamed} of {len(train) + len(val)} bags read from their stores at each use"
+        )
     y_train = np.array([b.label for b in train], np.float32)
     y_val = np.array([b.label for b in val], np.float32)
 
     model = build_model(cfg, in_dim)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay
+    )
     n_pos = max(float(y_train.sum()), 1.0)
     n_neg = max(len(y_train) - float(y_train.sum()), 1.0)
     pos_weight = torch.tensor([n_neg / n_pos]) if cfg.balance == "class_weight" else None
@@ -170,22 +199,45 @@ def fit(
             total += float(loss.detach())
         if xs_val:
             probs, _ = predict_bags(model, xs_val)
-            val_loss = float(eval_loss_fn(torch.logit(torch.tensor(probs).clamp(1e-6, 1 - 1e-6)), torch.tensor(y_val)))
+            val_loss = float(
+                eval_loss_fn(
+                    torch.logit(torch.tensor(probs).clamp(1e-6, 1 - 1e-6)), torch.tensor(y_val)
+                )
+            )
         else:  # no validation bags: keep the last epoch
             val_loss = -float(epoch)
-        history.append({"epoch": epoch, "train_loss": total / len(xs_train), "val_loss": val_loss, "seconds": time.perf_counter() - t0})
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": total / len(xs_train),
+                "val_loss": val_loss,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
         if val_loss < best[0] - 1e-4:
             best = (val_loss, copy.deepcopy(model.state_dict()), epoch)
         elif epoch - best[2] >= cfg.patience:
             break
         if console is not None and (epoch % 5 == 0 or epoch == 1):
-            console.print(f"  epoch {epoch:3d}  train loss {history[-1]['train_loss']:.4f}  val loss {val_loss:.4f}")
+            console.print(
+                f"  epoch {epoch:3d}  train loss {history[-1]['train_loss']:.4f}  val loss {val_loss:.4f}"
+            )
     model.load_state_dict(best[1])
     model.eval()
     return model, std, pd.DataFrame(history), best[2]
 
 
-def save_checkpoint(path: Path, model, std: Standardiser, cfg: TrainConfig, *, encoder: str | None, best_epoch: int, split: dict, **extra) -> None:
+def save_checkpoint(
+    path: Path,
+    model,
+    std: Standardiser,
+    cfg: TrainConfig,
+    *,
+    encoder: str | None,
+    best_epoch: int,
+    split: dict,
+    **extra,
+) -> None:
     """Write everything needed to predict with, or resume from, a trained model."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -224,28 +276,53 @@ def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, Standardiser, di
 METRIC_COLUMNS = ["accuracy", "precision", "recall", "f1", "auc"]
 
 
-def make_folds(bags: list[Bag], cfg: TrainConfig, *, split_values: dict[str, str] | None = None) -> list[Fold]:
+def make_folds(
+    bags: list[Bag], cfg: TrainConfig, *, split_values: dict[str, str] | None = None
+) -> list[Fold]:
     """The folds of ``cfg.protocol``: one holdout split, one fixed column split, or repeats x k folds."""
     if cfg.protocol == "cv":
-        return kfold_splits(bags, n_folds=cfg.n_folds, n_repeats=cfg.n_repeats, val_fraction=cfg.val_fraction, seed=cfg.seed)
+        return kfold_splits(
+            bags,
+            n_folds=cfg.n_folds,
+            n_repeats=cfg.n_repeats,
+            val_fraction=cfg.val_fraction,
+            seed=cfg.seed,
+        )
     if cfg.protocol == "split_column":
         if split_values is None:
-            raise ValueError(f"protocol split_column needs a {cfg.split_column!r} column in the manifest")
+            raise ValueError(
+                f"protocol split_column needs a {cfg.split_column!r} column in the manifest"
+            )
         return [Fold(0, 0, column_split(bags, split_values))]
     if len(bags) < 4:
         raise ValueError(f"only {len(bags)} bags; need at least 4 to split train/val/test")
-    return [Fold(0, 0, holdout_split(bags, test_fraction=cfg.test_fraction, val_fraction=cfg.val_fraction, seed=cfg.seed))]
+    return [
+        Fold(
+            0,
+            0,
+            holdout_split(
+                bags, test_fraction=cfg.test_fraction, val_fraction=cfg.val_fraction, seed=cfg.seed
+            ),
+        )
+    ]
 
 
 def summarise_metrics(per_fold: pd.DataFrame) -> pd.DataFrame:
     """Mean and std over folds of the paper's columns; one row ``mean`` and one ``std``."""
     cols = [c for c in METRIC_COLUMNS if c in per_fold]
-    return pd.DataFrame({"stat": ["mean", "std"], **{c: [per_fold[c].mean(), per_fold[c].std(ddof=0)] for c in cols}})
+    return pd.DataFrame(
+        {
+            "stat": ["mean", "std"],
+            **{c: [per_fold[c].mean(), per_fold[c].std(ddof=0)] for c in cols},
+        }
+    )
 
 
 def _same_run(saved: dict, current: dict) -> bool:
     """Whether a fold checkpoint was trained with these settings (more repeats reuse the folds done)."""
-    return {k: v for k, v in saved.items() if k != "n_repeats"} == {k: v for k, v in current.items() if k != "n_repeats"}
+    return {k: v for k, v in saved.items() if k != "n_repeats"} == {
+        k: v for k, v in current.items() if k != "n_repeats"
+    }
 
 
 def train_bags(
@@ -290,31 +367,77 @@ def train_bags(
             resumed = _same_run(meta["config"], cfg.model_dump()) and meta["split"] == f.split
         if not resumed:
             model, std, history, best_epoch = fit(
-                train, val, cfg, seed=cfg.seed + 7919 * f.repeat + 101 * f.fold, memory_budget_gb=memory_budget_gb, console=console
+                train,
+                val,
+                cfg,
+                seed=cfg.seed + 7919 * f.repeat + 101 * f.fold,
+                memory_budget_gb=memory_budget_gb,
+                console=console,
             )
             fold_dir.mkdir(parents=True, exist_ok=True)
             history.to_csv(fold_dir / "history.csv", index=False)
-            save_checkpoint(ckpt_path, model, std, cfg, encoder=encoder, best_epoch=best_epoch, split=f.split, repeat=f.repeat, fold=f.fold)
+            save_checkpoint(
+                ckpt_path,
+                model,
+                std,
+                cfg,
+                encoder=encoder,
+                best_epoch=best_epoch,
+                split=f.split,
+                repeat=f.repeat,
+                fold=f.fold,
+            )
         else:
             best_epoch = meta["best_epoch"]
         shown = bags if len(folds) == 1 else [b for b in bags if f.split[b.bag_id] == "test"]
         probs, _ = predict_bags(model, BagTensors(shown, std, budget_bytes=0))
         for b, p in zip(shown, probs, strict=True):
-            pred_rows.append({"slide_id": b.bag_id, "repeat": f.repeat, "fold": f.fold, "split": f.split[b.bag_id], "probability": float(p), "prediction": int(p >= 0.5), "label": b.label})
-        test = [(b.label, p) for b, p in zip(shown, probs, strict=True) if f.split[b.bag_id] == "test"]
+            pred_rows.append(
+                {
+                    "slide_id": b.bag_id,
+                    "repeat": f.repeat,
+                    "fold": f.fold,
+                    "split": f.split[b.bag_id],
+                    "probability": float(p),
+                    "prediction": int(p >= 0.5),
+                    "label": b.label,
+                }
+            )
+        test = [
+            (b.label, p) for b, p in zip(shown, probs, strict=True) if f.split[b.bag_id] == "test"
+        ]
         m = binary_metrics(np.array([t[0] for t in test]), np.array([t[1] for t in test]))
-        fold_metrics.append({"repeat": f.repeat, "fold": f.fold, **m, "best_epoch": best_epoch, "resumed": resumed})
+        fold_metrics.append(
+            {"repeat": f.repeat, "fold": f.fold, **m, "best_epoch": best_epoch, "resumed": resumed}
+        )
         if console is not None:
-            console.print(f"repeat {f.repeat} fold {f.fold}: test accuracy {m['accuracy']:.3f} AUC {m['auc']:.3f} (best epoch {best_epoch}{', resumed' if resumed else ''})")
+            console.print(
+                f"repeat {f.repeat} fold {f.fold}: test accuracy {m['accuracy']:.3f} AUC {m['auc']:.3f} (best epoch {best_epoch}{', resumed' if resumed else ''})"
+            )
         if len(folds) == 1:
-            save_checkpoint(model_dir / "checkpoint.pt", model, std, cfg, encoder=encoder, best_epoch=best_epoch, split=f.split)
-            pd.DataFrame(history if not resumed else []).to_csv(model_dir / "history.csv", index=False)
+            save_checkpoint(
+                model_dir / "checkpoint.pt",
+                model,
+                std,
+                cfg,
+                encoder=encoder,
+                best_epoch=best_epoch,
+                split=f.split,
+            )
+            pd.DataFrame(history if not resumed else []).to_csv(
+                model_dir / "history.csv", index=False
+            )
     pd.DataFrame(pred_rows).to_csv(model_dir / "predictions.csv", index=False)
     per_fold = pd.DataFrame(fold_metrics)
     per_fold.to_csv(model_dir / "metrics.csv", index=False)
     summary = summarise_metrics(per_fold)
     summary.to_csv(model_dir / "metrics_summary.csv", index=False)
-    out = {"n": int(per_fold["n"].sum()), "best_epoch": int(fold_metrics[0]["best_epoch"]), "n_folds": len(folds), "model_dir": str(model_dir)}
+    out = {
+        "n": int(per_fold["n"].sum()),
+        "best_epoch": int(fold_metrics[0]["best_epoch"]),
+        "n_folds": len(folds),
+        "model_dir": str(model_dir),
+    }
     for c in METRIC_COLUMNS:
         out[c] = float(summary.loc[0, c])
         out[f"{c}_std"] = float(summary.loc[1, c])
@@ -350,11 +473,23 @@ def run_train(
     )
     split_values = None
     if cfg.protocol == "split_column" and cfg.split_column in manifest.columns:
-        split_values = dict(zip(manifest.slide_id.astype(str), manifest[cfg.split_column], strict=True))
-    res = train_bags(bags, out_dir / "models" / cfg.name, cfg, encoder=encoder, split_values=split_values, memory_budget_gb=memory_budget_gb, console=console)
+        split_values = dict(
+            zip(manifest.slide_id.astype(str), manifest[cfg.split_column], strict=True)
+        )
+    res = train_bags(
+        bags,
+        out_dir / "models" / cfg.name,
+        cfg,
+        encoder=encoder,
+        split_values=split_values,
+        memory_budget_gb=memory_budget_gb,
+        console=console,
+    )
     return {**res, "skipped": skipped}
 
 
-def run_train_table(table: str | Path, model_dir: str | Path, cfg: TrainConfig, *, console=None) -> dict:
+def run_train_table(
+    table: str | Path, model_dir: str | Path, cfg: TrainConfig, *, console=None
+) -> dict:
     """Train on a MIL bag table (CSV: label, bag id, features...); write ``model_dir`` (see :func:`train_bags`)."""
     return train_bags(read_mil_table(table), model_dir, cfg, encoder=None, console=console)
