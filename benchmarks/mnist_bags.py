@@ -91,6 +91,19 @@ def collect(out_dir: Path):
     return df
 
 
+def markdown(df) -> str:
+    """Test AUC mean ± std over repeats (and the number of repeats) per training-set size and model."""
+    models = sorted(df.model.unique())
+    lines = ["| training bags | " + " | ".join(models) + " |", "| --- |" + " --- |" * len(models)]
+    for n, g in df.groupby("n_train"):
+        cells = []
+        for m in models:
+            a = g[g.model == m].auc
+            cells.append(f"{a.mean():.3f} ± {a.std(ddof=0):.3f} ({len(a)})" if len(a) else "")
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("npz", type=Path)
@@ -101,7 +114,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--shard", default="0/1", help="I/N: run every N-th run starting at I (several processes share the grid)")
+    ap.add_argument("--summary", action="store_true", help="only collect the finished runs: results.csv, the plot and a markdown table")
     args = ap.parse_args()
+    if args.summary:
+        print(markdown(collect(args.out_dir)))
+        return
     torch.set_num_threads(args.threads)
     data = np.load(args.npz)
     images, labels = data["images"], data["labels"]
