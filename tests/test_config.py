@@ -19,6 +19,13 @@ def test_demo_yaml_is_the_demo_config():
     assert load_config(CONFIGS / "demo.yaml") == demo_config()
 
 
+def test_paper_config_sets_every_key_it_names_and_trains_without_a_validation_split():
+    raw = yaml.safe_load((CONFIGS / "paper_mil.yaml").read_text())["train"]
+    cfg = load_config(CONFIGS / "paper_mil.yaml").train
+    assert {k: getattr(cfg, k) for k in raw} == raw  # no key silently ignored or coerced
+    assert cfg.protocol == "cv" and cfg.val_fraction == 0.0 and cfg.n_folds * cfg.n_repeats == 50
+
+
 def test_flags_override_the_file_and_unknown_keys_are_refused(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("tile: {tile_px: 128, target_mpp: 1.0}\n")
