@@ -146,8 +146,8 @@ def test_bags_over_the_memory_budget_are_read_from_their_stores_with_the_same_re
         seed=1,
     )
     net_a, std_a, hist_a, _ = fit(bags[:10], bags[10:], cfg)
-    half = sum(b.features.nbytes for b in bags[:5]) / 2**30  # about a third of the bags fit
-    net_b, std_b, hist_b, _ = fit(stored[:10], stored[10:], cfg, memory_budget_gb=half)
+    budget_gb = sum(b.features.nbytes for b in bags[:5]) / 2**30  # about a third of the bags fit
+    net_b, std_b, hist_b, _ = fit(stored[:10], stored[10:], cfg, memory_budget_gb=budget_gb)
     np.testing.assert_allclose(std_a.mean, std_b.mean, rtol=1e-6)
     np.testing.assert_allclose(hist_a.train_loss, hist_b.train_loss, rtol=1e-5)
     tensors = BagTensors(stored[10:], std_b, budget_bytes=0)

@@ -450,7 +450,7 @@ def train(
                 memory_budget_gb=memory_budget_gb,
                 console=console,
             )
-    except (ValueError, MemoryError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc).splitlines()[0]) from exc
     console.print(
         f"test ({res['n_folds']} fold(s), {res['n']} predictions): accuracy {res['accuracy']:.3f} ± {res['accuracy_std']:.3f}  "

@@ -155,11 +155,9 @@ def fit(
         if cfg.standardise
         else Standardiser(np.zeros(in_dim), np.ones(in_dim))
     )
-    budget = memory_budget_gb * 2**30
-    xs_train = BagTensors(
-        train, std, budget_bytes=budget * len(train) / max(len(train) + len(val), 1)
-    )
-    xs_val = BagTensors(val, std, budget_bytes=budget * len(val) / max(len(train) + len(val), 1))
+    per_bag = memory_budget_gb * 2**30 / max(len(train) + len(val), 1)  # budget split by bag count
+    xs_train = BagTensors(train, std, budget_bytes=per_bag * len(train))
+    xs_val = BagTensors(val, std, budget_bytes=per_bag * len(val))
     if console is not None and xs_train.n_streamed + xs_val.n_streamed:
         console.print(
             f"  {xs_train.n_streamed + xs_val.n_streamed} of {len(train) + len(val)} bags read from their stores at each use"
