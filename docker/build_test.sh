@@ -81,7 +81,9 @@ START=$(date +%s)
   --build-arg BASE_IMAGE="$BASE-ca" -t "$IMAGE" "$REPO"
 echo "build: $(( $(date +%s) - START )) s"
 echo "image: $("${PODMAN[@]}" image ls "$IMAGE" --format '{{.Size}}')  base: $("${PODMAN[@]}" image ls "$BASE" --format '{{.Size}}')"
-"${PODMAN[@]}" history "$IMAGE" --format '{{.Size}}\t{{.CreatedBy}}' | head -8 | cut -c1-150
+# Capture first: 'history | head' would kill podman with SIGPIPE, fatal under pipefail.
+layers=$("${PODMAN[@]}" history "$IMAGE" --format '{{.Size}}\t{{.CreatedBy}}')
+sed -n '1,8p' <<<"$layers" | cut -c1-150
 
 "${RUN[@]}" "$IMAGE" --help
 rm -rf "$WORK/out"; mkdir -p "$WORK/out"; chmod 777 "$WORK/out"

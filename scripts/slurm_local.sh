@@ -110,7 +110,7 @@ for _ in $(seq 30); do sacctmgr -n show cluster >/dev/null 2>&1 && break; sleep 
 sacctmgr -i add cluster wsimil >/dev/null
 slurmctld -f "$SLURM_CONF"
 slurmd -f "$SLURM_CONF"
-for _ in $(seq 30); do sinfo -h -o %T 2>/dev/null | grep -q idle && break; sleep 1; done
+for _ in $(seq 30); do [[ "$(sinfo -h -o %T 2>/dev/null)" == *idle* ]] && break; sleep 1; done
 sinfo
 
 # The cohort and the workflow through the Slurm executor.
