@@ -86,6 +86,9 @@ layers=$("${PODMAN[@]}" history "$IMAGE" --format '{{.Size}}\t{{.CreatedBy}}')
 sed -n '1,8p' <<<"$layers" | cut -c1-150
 
 "${RUN[@]}" "$IMAGE" --help
+# What the workflow's Kubernetes jobs need in the image: snakemake + the fs storage plugin, rsync,
+# and a /workdir the non-root user can write.
+"${RUN[@]}" --entrypoint bash "$IMAGE" -c 'python3 -m snakemake --version && python3 -c "import snakemake_storage_plugin_fs" && rsync --version | head -n1 && touch /workdir/.w && echo "workflow tools: OK"'
 rm -rf "$WORK/out"; mkdir -p "$WORK/out"; chmod 777 "$WORK/out"
 "${RUN[@]}" -v "$WORK/out:/runs" "$IMAGE" demo --out /runs/demo --n-slides 6 --size-px 4096
 ls "$WORK"/out/demo/heatmaps/*/*.png

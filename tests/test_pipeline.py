@@ -1,12 +1,15 @@
-"""The Snakemake workflow in pipelines/ on a tiny synthetic cohort, run locally.
+"""The Snakemake workflow in pipelines/ on a tiny synthetic cohort.
 
-End to end: every slide gets tiles, features and a heatmap; a second run has nothing to do;
-deleting one slide's features re-runs that slide's embed and heatmap jobs only.
+Run locally end to end: every slide gets tiles, features and a heatmap; a second run has nothing
+to do; deleting one slide's features re-runs that slide's embed and heatmap jobs only. And run as
+on Kubernetes, with no shared file system: each job in its own empty folder (a stand-in for a pod,
+tests/helpers/pod_submit.sh), inputs and outputs through the fs storage plugin.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import shutil
 import subprocess
@@ -27,6 +30,7 @@ pytestmark = [
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEFILE = REPO / "pipelines" / "Snakefile"
+POD_SUBMIT = REPO / "tests" / "helpers" / "pod_submit.sh"
 
 
 def _snakemake(run_dir: Path, work: Path, *extra: str) -> str:
@@ -71,6 +75,60 @@ def test_workflow_runs_cohort_and_reruns_only_what_is_missing(tmp_path):
     assert _job_counts(log) == {"embed": 1, "heatmap": 1, "all": 1}
     assert "wildcards: slide=synth_002" in log
     assert not re.search(r"wildcards: slide=synth_00[013-5]", log)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("snakemake_executor_plugin_cluster_generic") is None
+    or importlib.util.find_spec("snakemake_storage_plugin_fs") is None
+    or shutil.which("rsync") is None,
+    reason="needs snakemake-executor-plugin-cluster-generic, snakemake-storage-plugin-fs and rsync",
+)
+def test_workflow_without_shared_file_system(tmp_path):
+    cohort, work, pods, storage = (tmp_path / d for d in ("cohort", "work", "pods", "storage"))
+    make_cohort(cohort, n_slides=4, width_px=1024, height_px=1024, seed=5)
+    ids = [f"synth_{i:03d}" for i in range(4)]
+    # The workflow's sources reach the pods as an archive of the git-tracked files.
+    shutil.copytree(REPO / "pipelines", work / "pipelines")
+    for git in (["init", "-q"], ["add", "pipelines"]):
+        subprocess.run(["git", *git], cwd=work, check=True)
+    pods.mkdir()
+    env = {**os.environ, "WSIMIL_POD_ROOT": str(pods)}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # snakemake inside pods
+    cmd = [
+        sys.executable, "-m", "snakemake", "-s", "pipelines/Snakefile", "--jobs", "3",
+        "--executor", "cluster-generic",
+        "--cluster-generic-submit-cmd", f"bash {POD_SUBMIT}",
+        "--cluster-generic-status-cmd", f"bash {POD_SUBMIT} --status",
+        "--shared-fs-usage", "none", "--job-deploy-sources",
+        "--default-storage-provider", "fs", "--default-storage-prefix", str(storage),
+        "--config", "run_dir=run", f"manifest={cohort / 'manifest.csv'}",
+        f"wsimil_config={REPO / 'configs' / 'demo.yaml'}", "wsimil=wsimil", "python=python",
+        "embed_device=cpu", "train_args=--epochs 3",
+    ]  # fmt: skip
+
+    def pod_logs() -> str:
+        return "".join(f"\n--- {p}\n{p.read_text()[-1500:]}" for p in pods.glob("*/job.log"))
+
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:] + pod_logs()
+    counts = _job_counts(proc.stdout + proc.stderr)
+    assert counts == {"tile": 4, "embed": 4, "train": 1, "heatmap": 4, "all": 1}
+
+    # Every job ran in its own pod folder and succeeded; the outputs are in the storage only.
+    exit_codes = [p.read_text().strip() for p in pods.glob("*/exit_code")]
+    assert exit_codes == ["0"] * 13, pod_logs()
+    run = storage / "run"
+    for sid in ids:
+        assert (run / "tiles" / f"{sid}.zarr" / "zarr.json").is_file()
+        assert (run / "features" / "efficientnet_lite0" / f"{sid}.zarr" / "zarr.json").is_file()
+        assert (run / "heatmaps" / "gated_attention" / f"{sid}.png").stat().st_size > 0
+    assert (run / "models" / "gated_attention" / "checkpoint.pt").is_file()
+    assert not (work / "run").exists()
+
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work, env=env)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "Nothing to be done" in log, log[-3000:]
+    assert len(list(pods.iterdir())) == 13
 
 
 def test_workflow_rejects_missing_manifest(tmp_path):
