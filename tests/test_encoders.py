@@ -222,7 +222,7 @@ def test_hf_hub_without_cache(empty_caches):
 
 
 def test_lite0_without_package(monkeypatch):
-    monkeypatch.setattr("wsimil.encoders._LITE0_MODULE", "no_such_weights_package")
+    monkeypatch.setattr("wsimil.encoders.weights._LITE0_MODULE", "no_such_weights_package")
     with pytest.raises(MissingWeightsError, match=r"wsimil\[weights\]"):
         create_encoder("efficientnet_lite0")
     assert create_encoder("efficientnet_lite0", pretrained=False).config.weights_id == "random-init"
