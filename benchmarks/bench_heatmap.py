@@ -3,7 +3,7 @@
 Writes (once, into ``--cache``) a cheap mostly-background pyramidal TIFF of SIZE x SIZE px: an
 elliptic "tissue" region made of a few pre-encoded textured JPEG tiles, white elsewhere, with
 2x-reduced levels (a few seconds even at 100,000 px, unlike ``write_synthetic_slide``). Then,
-in a child process, runs :func:`wsimil.heatmap.export_slide` on it with synthetic attention
+in a child process, runs :func:`wsimil.export.export_slide` on it with synthetic attention
 for every tissue tile (overlay + thumbnail, QuPath GeoJSON, pyramidal heatmap TIFF, top-k
 crops) and reports the child's peak RSS next to that of a child that only imports the same
 modules, plus the level-0 size the outputs were never allowed to materialise.
@@ -79,7 +79,8 @@ def child(slide_path: str, out_dir: str, tile_px_level0: int, only_imports: bool
     import pandas as pd
 
     from wsimil.config import HeatmapConfig
-    from wsimil.heatmap import export_slide, minmax, percentile_rank
+    from wsimil.export import export_slide
+    from wsimil.heatmap import minmax, percentile_rank
     from wsimil.slide import open_slide
 
     for mod in ("imagecodecs", "matplotlib", "openslide", "PIL.Image", "scipy.ndimage", "tifffile"):

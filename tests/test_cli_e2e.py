@@ -100,8 +100,8 @@ def test_four_stages_end_to_end(cohort):
     assert r.exit_code == 1  # broken slide again
     hm = run / "heatmaps" / "gated_attention"
     for sid in good:
-        assert (hm / f"{sid}.png").exists()
-        t = pd.read_csv(hm / f"{sid}.csv")
+        assert (hm / "slides" / sid / f"{sid}.png").exists()
+        t = pd.read_csv(hm / "slides" / sid / f"{sid}.csv")
         assert t.attention.sum() == pytest.approx(1.0, abs=1e-3)
         assert t.attention_scaled.min() == 0 and t.attention_scaled.max() == pytest.approx(1.0)
     hp = pd.read_csv(hm / "predictions.csv")

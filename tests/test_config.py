@@ -5,14 +5,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from wsimil.config import Config, load_config
+from wsimil.config import Config, defaults_yaml, load_config
 from wsimil.demo import demo_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_default_yaml_lists_the_code_defaults():
-    assert yaml.safe_load((CONFIGS / "default.yaml").read_text()) == Config().model_dump()
+    text = (CONFIGS / "default.yaml").read_text()
+    assert yaml.safe_load(text) == Config().model_dump()
+    assert text == defaults_yaml(), "regenerate it: wsimil config > configs/default.yaml"
 
 
 def test_demo_yaml_is_the_demo_config():

@@ -186,18 +186,61 @@ def test_killed_run_resumes_and_gives_the_same_features(cohort, tmp_path):
     )
     assert 1 <= len(done_before) < len(df), "kill should land mid-cohort"
 
+    first = _status_lines(feat_dir)
+    # Logged as each slide ended, not at the end (a kill between a store's rename and its line
+    # can lose that one line).
+    assert first and {d["slide_id"] for d in first} <= set(done_before_ids(done_before))
+    assert all(d["status"] == "ok" for d in first)
+
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert "skipped" in res.stderr
+    second = _status_lines(feat_dir)[len(first) :]
+    ends = [d for d in second if d["status"] != "interrupted"]
+    assert sorted(d["slide_id"] for d in ends) == sorted(df.slide_id)  # one line per attempt
+    assert {d["slide_id"] for d in ends if d["status"] == "skipped"} == set(
+        done_before_ids(done_before)
+    )
+    assert all(d["status"] == "interrupted" for d in second if d not in ends)
     for sid in df.slide_id:
         a = open_store(feat_dir / f"{sid}.zarr")["features"][...]
         b = open_store(ref / "features" / "efficientnet_lite0" / f"{sid}.zarr")["features"][...]
         # Same tiles, same batches; CPU kernels may still round differently across processes
         # (about one float16 ulp on a few elements), so compare within that.
         np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), rtol=1e-2, atol=1e-3)
-    assert not [p for p in feat_dir.iterdir() if ".tmp-" in p.name], (
-        "stale temporary stores are cleaned up"
+    assert not [p for p in feat_dir.iterdir() if p.name.endswith(".partial")], (
+        "partial stores of the killed run are cleaned up"
     )
+
+
+def _status_lines(feat_dir):
+    import json
+
+    return [json.loads(line) for line in (feat_dir / "status.jsonl").read_text().splitlines()]
+
+
+def done_before_ids(names):
+    return sorted(n.removesuffix(".zarr") for n in names)
+
+
+def test_two_concurrent_embeds_do_each_slide_once(cohort, tmp_path):
+    run, df = cohort
+    out = tmp_path / "two"
+    out.mkdir()
+    os.symlink(run / "tiles", out / "tiles")
+    cmd = [
+        sys.executable, "-m", "wsimil.cli", "embed", str(out), "--manifest",
+        str(run / "manifest.csv"), "--encoder", "efficientnet_lite0", "--num-workers", "0",
+    ]  # fmt: skip
+    procs = [subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err
+    lines = _status_lines(out / "features" / "efficientnet_lite0")
+    assert sorted(d["slide_id"] for d in lines if d["status"] == "ok") == sorted(df.slide_id)
+    assert len(lines) == 2 * len(df)  # the other process logged each slide as skipped
+    assert {d["status"] for d in lines} == {"ok", "skipped"}
+    assert len({d["worker"] for d in lines}) == 2
 
 
 def test_devices_run_one_process_each_and_share_the_cohort(cohort, tmp_path):

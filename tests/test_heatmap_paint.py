@@ -2,7 +2,8 @@
 
 import numpy as np
 
-from wsimil.heatmap import minmax, paint_tiles, percentile_rank, render_overlay
+from wsimil.heatmap import minmax, percentile_rank, render_overlay
+from wsimil.raster import paint_tiles
 
 
 def test_minmax_rescales_per_slide():

@@ -80,18 +80,20 @@ def test_every_output_for_every_slide_and_attention_finds_the_lesions(cohort):
     assert (res.status == "ok").all(), res.message.tolist()
     hm = run / "heatmaps" / "gated_attention"
     for sid in manifest.slide_id:
-        t = pd.read_csv(hm / f"{sid}.csv")
+        d = hm / "slides" / sid
+        t = pd.read_csv(d / f"{sid}.csv")
         assert {"x", "y", "attention", "attention_scaled", "rank", "instance_score"} <= set(
             t.columns
         )
         assert len(t) == len(lesions[sid])
         assert t.attention.sum() == pytest.approx(1.0, abs=1e-3)
         for suffix in (".png", ".thumb.jpg", ".geojson", ".heatmap.tiff", ".html"):
-            assert (hm / f"{sid}{suffix}").stat().st_size > 0
-        assert len(list((hm / f"{sid}_top").glob("*.jpg"))) == 3
-        assert len(json.loads((hm / f"{sid}.geojson").read_text())["features"]) == len(t)
+            assert (d / f"{sid}{suffix}").stat().st_size > 0
+        assert len(list((d / "top").glob("*.jpg"))) == 3
+        assert len(json.loads((d / f"{sid}.geojson").read_text())["features"]) == len(t)
+        assert json.loads((d / "slide.json").read_text())["status"] == "ok"
     index = (hm / "index.html").read_text()
-    assert all(f'href="{sid}.html"' in index for sid in manifest.slide_id)
+    assert all(f'href="slides/{sid}/{sid}.html"' in index for sid in manifest.slide_id)
     pred = pd.read_csv(hm / "predictions.csv")
     assert sorted(pred.slide_id) == sorted(manifest.slide_id)
     pos = manifest[manifest.label == 1].slide_id.tolist()
@@ -166,13 +168,13 @@ def test_instance_models_export_instance_scores(cohort):
     assert (res.status == "ok").all(), res.message.tolist()
     hm = run / "heatmaps" / "inst"
     sid = sub.slide_id.iloc[0]
-    t = pd.read_csv(hm / f"{sid}.csv")
+    t = pd.read_csv(hm / "slides" / sid / f"{sid}.csv")
     assert t.instance_score.between(0, 1).all() and t.instance_score.notna().all()
-    feat = json.loads((hm / f"{sid}.geojson").read_text())["features"][0]
+    feat = json.loads((hm / "slides" / sid / f"{sid}.geojson").read_text())["features"][0]
     assert feat["properties"]["measurements"]["instance_score"] == pytest.approx(
         t.instance_score[0], abs=1e-5
     )
-    assert not (hm / "index.html").exists() and not list(hm.glob("*_top"))
+    assert not (hm / "index.html").exists() and not (hm / "slides" / sid / "top").exists()
 
 
 def test_a_slide_with_no_tiles_gets_status_empty_and_a_plain_thumbnail(cohort, tmp_path):
@@ -196,5 +198,81 @@ def test_a_slide_with_no_tiles_gets_status_empty_and_a_plain_thumbnail(cohort, t
     assert res.status.tolist() == ["empty"] and "0 tiles" in res.message[0]
     from PIL import Image
 
-    with Image.open(run / "heatmaps" / "gated_attention" / f"{sid}.png") as im:
+    with Image.open(run / "heatmaps" / "gated_attention" / "slides" / sid / f"{sid}.png") as im:
         assert max(im.size) >= 128
+
+
+def _cli(*args):
+    import subprocess
+    import sys
+
+    return subprocess.Popen(
+        [sys.executable, "-m", "wsimil.cli", *map(str, args)], stderr=subprocess.PIPE, text=True
+    )
+
+
+def _copy_run(src, dst):
+    for d in ("tiles", "features", "models"):
+        shutil.copytree(src / d, dst / d)
+    return dst
+
+
+def test_two_concurrent_heatmaps_do_each_slide_once_and_the_cohort_outputs_are_whole(
+    cohort, tmp_path
+):
+    src, manifest, _ = cohort
+    run = _copy_run(src, tmp_path / "run")
+    m = tmp_path / "manifest.csv"
+    manifest.to_csv(m, index=False)
+    args = ("heatmap", run, "--manifest", m, "--thumbnail-px", 128, "--top-k", 1, "--no-tiff")
+    procs = [_cli(*args) for _ in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err
+    hm = run / "heatmaps" / "gated_attention"
+    lines = [json.loads(x) for x in (hm / "status.jsonl").read_text().splitlines()]
+    ok = sorted(d["slide_id"] for d in lines if d["status"] == "ok")
+    assert ok == sorted(manifest.slide_id)  # each slide exactly once
+    assert len(lines) == 2 * len(manifest) and {d["status"] for d in lines} == {"ok", "skipped"}
+    # The process that finished last wrote the report after every slide was done.
+    pred = pd.read_csv(hm / "predictions.csv")
+    assert sorted(pred.slide_id) == sorted(manifest.slide_id)
+    assert json.loads((hm / "summary.json").read_text())["status"] == {"ok": len(manifest)}
+
+    # A re-run skips every slide and says so; the cohort outputs stay whole.
+    p = _cli(*args)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    again = [json.loads(x) for x in (hm / "status.jsonl").read_text().splitlines()][len(lines) :]
+    assert [d["status"] for d in again] == ["skipped"] * len(manifest)
+    assert sorted(pd.read_csv(hm / "predictions.csv").slide_id) == sorted(manifest.slide_id)
+
+
+def test_per_slide_jobs_write_only_their_slide_and_report_assembles_the_cohort(cohort, tmp_path):
+    src, manifest, _ = cohort
+    run = _copy_run(src, tmp_path / "run")
+    m = tmp_path / "manifest.csv"
+    manifest.to_csv(m, index=False)
+    ids = manifest.slide_id.tolist()
+    hm = run / "heatmaps" / "gated_attention"
+    for sid in ids[:3]:
+        p = _cli("heatmap", run, "--manifest", m, "--slides", sid, "--thumbnail-px", 96,
+                 "--top-k", 0, "--no-tiff", "--no-geojson")  # fmt: skip
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        assert not (hm / "predictions.csv").exists() and not (hm / "index.html").exists()
+    assert sorted(d.name for d in (hm / "slides").iterdir()) == sorted(ids[:3])
+    p = _cli("heatmap", run, "--manifest", m, "--slides", "nope")
+    _, err = p.communicate(timeout=300)
+    assert p.returncode != 0 and "nope not in the manifest" in err
+
+    p = _cli("report", run, "--manifest", m, "--model", "gated_attention")
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert sorted(pd.read_csv(hm / "predictions.csv").slide_id) == sorted(ids[:3])
+    summary = json.loads((hm / "summary.json").read_text())
+    assert summary["status"] == {"ok": 3, "missing": len(ids) - 3} and summary["n_scored"] == 3
+    index = (hm / "index.html").read_text()
+    assert all(f'href="slides/{sid}/{sid}.html"' in index for sid in ids[:3])
+    assert all(f'id="row-{sid}"' in index for sid in ids)  # not-yet-run slides listed too
+    assert "no heatmap yet" in index

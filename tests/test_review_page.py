@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from wsimil.review import write_review_pages
+from wsimil.review import write_index, write_slide_page
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(
@@ -32,65 +32,49 @@ class _Links(HTMLParser):
 
 @pytest.fixture()
 def review(tmp_path):
+    from wsimil.layout import RunLayout
+
+    layout = RunLayout(tmp_path)
     rng = np.random.default_rng(0)
-    rows, pages = [], {}
+    records = []
     for i, (prob, label) in enumerate([(0.2, 0), (0.95, 1), (0.7, 0), (0.55, 1)]):
-        sid = f"slide {i}&x"  # spaces and '&' must be escaped / quoted
+        sid = f"slide-{i}_x.1"
+        files = layout.heatmap_slide("m", sid)
+        files.top_dir.mkdir(parents=True)
         thumb = rng.integers(150, 255, (60, 80, 3), dtype=np.uint8)
-        Image.fromarray(thumb).save(tmp_path / f"{sid}.thumb.jpg")
+        Image.fromarray(thumb).save(files.thumbnail)
         over = thumb.copy()
         over[20:40, 20:40] = (200, 30, 30)
-        Image.fromarray(over).save(tmp_path / f"{sid}.png")
-        (tmp_path / f"{sid}.csv").write_text("x,y,attention\n0,0,1\n")
-        (tmp_path / f"{sid}_top").mkdir()
-        Image.fromarray(thumb[:32, :32]).save(tmp_path / f"{sid}_top" / "top01_x0_y0.jpg")
-        pages[sid] = {
-            "overlay": f"{sid}.png",
-            "thumbnail": f"{sid}.thumb.jpg",
-            "geojson": None,
-            "tiff": None,
-            "n_tiles": 10 + i,
-            "top": [
-                {
-                    "file": "top01_x0_y0.jpg",
-                    "rank": 1,
-                    "x": 0,
-                    "y": 0,
-                    "attention": 0.3,
-                    "attention_scaled": 1.0,
-                }
-            ],
-        }
-        rows.append(
-            {
-                "slide_id": sid,
-                "status": "ok",
-                "probability": prob,
-                "prediction": int(prob >= 0.5),
-                "label": label,
-                "message": "",
-            }
-        )
-    rows.append(
-        {
-            "slide_id": "broken",
-            "status": "error",
-            "probability": np.nan,
-            "prediction": -1,
-            "label": 1,
-            "message": "broken: no features at x; run `wsimil embed` first",
-        }
-    )
-    pd.DataFrame(rows[:4]).to_csv(tmp_path / "predictions.csv", index=False)
-    index = write_review_pages(tmp_path, pd.DataFrame(rows), pages, model_name="m")
-    return tmp_path, index, pd.DataFrame(rows)
+        Image.fromarray(over).save(files.overlay)
+        files.table.write_text("x,y,attention\n0,0,1\n")
+        Image.fromarray(thumb[:32, :32]).save(files.top_dir / "top01_x0_y0.jpg")
+        top = {"file": "top01_x0_y0.jpg", "rank": 1, "x": 0, "y": 0, "attention": 0.3,
+               "attention_scaled": 1.0}  # fmt: skip
+        record = {
+            "slide_id": sid, "status": "ok", "message": "", "probability": prob,
+            "prediction": int(prob >= 0.5), "label": label, "n_tiles": 10 + i,
+            "files": {"overlay": files.overlay.name, "thumbnail": files.thumbnail.name,
+                      "table": files.table.name, "geojson": None, "tiff": None,
+                      "page": files.page.name, "top": [top]},
+        }  # fmt: skip
+        write_slide_page(files, record)
+        records.append(record)
+    records.append(
+        {"slide_id": "broken", "status": "error", "label": 1,
+         "message": "broken: no features at x & <y>; run `wsimil embed` first"}
+    )  # fmt: skip
+    folder = layout.heatmaps("m").path
+    (folder / "predictions.csv").write_text("slide_id\n")
+    index = write_index(folder, records, model_name="m")
+    return folder, index, pd.DataFrame(records)
 
 
 def test_pages_are_offline_and_every_link_is_a_local_file(review):
     from urllib.parse import unquote
 
     folder, index, rows = review
-    pages = [index] + [folder / f"{sid}.html" for sid in rows.slide_id[rows.status == "ok"]]
+    ok = rows.slide_id[rows.status == "ok"]
+    pages = [index] + [folder / "slides" / sid / f"{sid}.html" for sid in ok]
     for page in pages:
         text = page.read_text()
         assert (
@@ -105,16 +89,16 @@ def test_pages_are_offline_and_every_link_is_a_local_file(review):
         for ref in p.refs:
             if ref.startswith("data:"):
                 continue
-            assert (folder / unquote(ref)).exists(), (page.name, ref)
+            assert (page.parent / unquote(ref)).exists(), (page.name, ref)
 
 
 def test_index_sorts_by_probability_and_shows_correctness_and_failures(review):
     folder, index, rows = review
     text = index.read_text()
     order = [m for m in re.findall(r'<tr class="slide[^"]*" id="row-([^"]+)"', text)]
-    assert order == ["slide 1&amp;x", "slide 2&amp;x", "slide 3&amp;x", "slide 0&amp;x", "broken"]
+    assert order == ["slide-1_x.1", "slide-2_x.1", "slide-3_x.1", "slide-0_x.1", "broken"]
     assert text.count(">correct<") == 3 and text.count(">wrong<") == 1  # slide 2: p=0.7, label 0
-    assert "no features" in text and "3/4 correct" in text
+    assert "no features at x &amp; &lt;y&gt;" in text and "3/4 correct" in text
 
 
 def _chromium(args, user_dir):
@@ -152,10 +136,10 @@ def test_review_page_loads_in_headless_chromium_without_console_errors(review, t
     assert _console_lines(r.stderr) == []
     dom = r.stdout
     for sid in rows.slide_id:
-        assert f'id="row-{sid.replace("&", "&amp;")}"' in dom
+        assert f'id="row-{sid}"' in dom
     assert dom.count('class="pair"') == 2 * 4  # thumbnail + overlay for every scored slide
     sid = rows.slide_id[1]
-    r = _chromium(["--dump-dom", (folder / f"{sid}.html").as_uri()], ud)
+    r = _chromium(["--dump-dom", (folder / "slides" / sid / f"{sid}.html").as_uri()], ud)
     assert r.returncode == 0 and _console_lines(r.stderr) == []
     assert "Top 1 attended tiles" in r.stdout
 

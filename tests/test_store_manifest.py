@@ -9,10 +9,11 @@ import pytest
 from wsimil.manifest import ManifestError, read_manifest, shard
 from wsimil.store import (
     StatusLog,
+    atomic_output,
     atomic_store,
     config_hash,
     open_store,
-    remove_stale_temps,
+    remove_partial,
     store_status,
     write_array,
 )
@@ -91,18 +92,29 @@ def test_shards_partition_the_manifest(tmp_path):
         shard(df, "3/3")
 
 
-def test_stale_temporary_stores_of_dead_processes_are_removed(tmp_path):
-    import socket
-    import subprocess
+def test_partial_outputs_of_a_dead_attempt_are_removed_by_name_only(tmp_path):
+    final = tmp_path / "a.zarr"
+    (tmp_path / ".a.zarr.partial").mkdir()  # a killed writer of a (a folder) ...
+    (tmp_path / ".a.zarr.old").write_text("x")  # ... that was replacing an older store
+    (tmp_path / ".b.zarr.partial").mkdir()  # another slide's, maybe being written right now
+    (tmp_path / "a.zarr.partial.zarr").mkdir()  # an odd but complete output name
+    assert remove_partial(final) is True
+    assert remove_partial(final) is False
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == [".b.zarr.partial", "a.zarr.partial.zarr"]
 
-    host = socket.gethostname()
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    stale = tmp_path / f".a.zarr.tmp-{host}-{dead.pid}"
-    live = tmp_path / f".b.zarr.tmp-{host}-{os.getpid()}"
-    other = tmp_path / f".c.zarr.tmp-otherhost-{dead.pid}"
-    done = tmp_path / "d.zarr"
-    for p in (stale, live, other, done):
-        p.mkdir()
-    assert remove_stale_temps(tmp_path) == [stale]
-    assert not stale.exists() and live.exists() and other.exists() and done.exists()
+
+def test_atomic_output_replaces_a_file_or_folder_only_when_complete(tmp_path):
+    target = tmp_path / "page.html"
+    target.write_text("old")
+    with pytest.raises(OSError):
+        with atomic_output(target) as tmp:
+            tmp.write_text("half")
+            raise OSError("disk full")
+    assert target.read_text() == "old" and sorted(os.listdir(tmp_path)) == ["page.html"]
+    with atomic_output(target) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new" and sorted(os.listdir(tmp_path)) == ["page.html"]
+    with atomic_output(tmp_path / "slide", folder=True) as tmp:
+        (tmp / "x.csv").write_text("1")
+    assert (tmp_path / "slide" / "x.csv").read_text() == "1"

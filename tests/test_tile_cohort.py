@@ -237,10 +237,10 @@ def test_resume_after_sigkill_completes_and_equals_an_uninterrupted_run(tmp_path
     )
     tiles = run / "tiles"
     tiles.mkdir(parents=True)
-    # Leftovers of an earlier killed writer of s4 (another host's naming, too).
-    (tiles / ".s4.zarr.tmp-otherhost-4242").mkdir()
-    (tiles / ".s4.zarr.tmp-otherhost-4242" / "zarr.json").write_text("{}")
-    (tiles / "s4.qc.png.tmp.png").write_bytes(b"partial")
+    # Leftovers of an earlier killed writer of s4 (on any host: only a lock holder writes them).
+    (tiles / ".s4.zarr.partial").mkdir()
+    (tiles / ".s4.zarr.partial" / "zarr.json").write_text("{}")
+    (tiles / ".s4.qc.png.partial").write_bytes(b"partial")
     proc = subprocess.Popen(
         [*WSIMIL, "tile", str(run), "--manifest", str(cohort)],
         stdout=subprocess.DEVNULL,
@@ -257,7 +257,9 @@ def test_resume_after_sigkill_completes_and_equals_an_uninterrupted_run(tmp_path
         [*WSIMIL, "tile", str(run), "--manifest", str(cohort)], capture_output=True, text=True
     )
     assert r.returncode == 0, r.stderr
-    assert not [p for p in tiles.iterdir() if ".tmp" in p.name or ".old-" in p.name]
+    assert not [p for p in tiles.iterdir() if p.name.endswith((".partial", ".old"))]
+    interrupted = [r["slide_id"] for r in _status(run) if r["status"] == "interrupted"]
+    assert "s4" in interrupted and len(interrupted) == len(set(interrupted))
     a, b = _coords(ref), _coords(run)
     assert a.keys() == b.keys() == {f"s{i}" for i in range(6)}
     for k in a:
@@ -280,6 +282,7 @@ def test_two_workers_on_one_cohort_tile_every_slide_exactly_once(tmp_path, cohor
     done = [r["slide_id"] for r in lines if r["status"] == "ok"]
     assert sorted(done) == [f"s{i}" for i in range(6)]  # each exactly once
     assert all(r["status"] in ("ok", "skipped") for r in lines)
+    assert len(lines) == 12  # every slide ended once in each worker: done or skipped
     stores = _coords(run)
     assert len(stores) == 6 and all(len(c) > 0 and len(c) == len(f) for c, f in stores.values())
-    assert not [p for p in (run / "tiles").iterdir() if ".tmp" in p.name]
+    assert not [p for p in (run / "tiles").iterdir() if p.name.endswith(".partial")]

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from wsimil.config import TrainConfig
-from wsimil.train import Bag, Standardiser, binary_metrics, fit, predict_bags, split_bags
+from wsimil.cv import holdout_split as split_bags
+from wsimil.train import Bag, Standardiser, binary_metrics, fit, predict_bags
 
 
 def make_bags(n_bags, *, d=16, seed=0, n_inst=(20, 40)):

@@ -77,14 +77,9 @@ def load_mask(path: str | Path, *, width_px: int, height_px: int, downsample: fl
         raise MaskError(
             f"{path}: cannot read mask image ({exc}); give a PNG/TIFF with tissue non-zero"
         ) from exc
-    fg = arr > 0
-    rows = np.minimum(
-        (np.arange(shape[0]) + 0.5) * arr.shape[0] / shape[0], arr.shape[0] - 1
-    ).astype(int)
-    cols = np.minimum(
-        (np.arange(shape[1]) + 0.5) * arr.shape[1] / shape[1], arr.shape[1] - 1
-    ).astype(int)
-    return fg[rows][:, cols]
+    from .raster import resize_mask
+
+    return resize_mask(arr > 0, shape)
 
 
 def _polygons(obj):

@@ -34,6 +34,38 @@ def read_rows(features, start: int = 0, stop: int | None = None) -> np.ndarray:
     return np.asarray(features[start:stop], dtype=np.float32)
 
 
+class Standardiser:
+    """Per-feature mean/std from the training bags only."""
+
+    def __init__(self, mean: np.ndarray, std: np.ndarray):
+        self.mean = mean.astype(np.float32)
+        self.std = np.maximum(std, 1e-6).astype(np.float32)
+
+    @classmethod
+    def fit(cls, bags: list[Bag], *, block: int = 65536) -> Standardiser:
+        """Two passes over the bags; bags kept in their stores are read ``block`` rows at a time."""
+
+        def blocks(f):
+            if isinstance(f, np.ndarray):
+                yield f
+            else:
+                for start in range(0, f.shape[0], block):
+                    yield read_rows(f, start, start + block)
+
+        n = sum(b.features.shape[0] for b in bags)
+        mean = sum(x.sum(0, dtype=np.float64) for b in bags for x in blocks(b.features)) / n
+        ss = sum(
+            ((x - mean) ** 2).sum(0, dtype=np.float64) for b in bags for x in blocks(b.features)
+        )
+        return cls(mean, np.sqrt(ss / max(n - 1, 1)))
+
+    def __call__(self, features):
+        """(N, D) features (array or Zarr array) -> standardised float32 tensor (N, D)."""
+        import torch
+
+        return torch.from_numpy((read_rows(features) - self.mean) / self.std)
+
+
 class BagTensors:
     """The bags' standardised float32 tensors: held in memory up to a byte budget, the rest
     read from their stores when needed, one bag ahead in a background thread.
@@ -89,7 +121,7 @@ class BagTensors:
 
 def load_slide_bags(
     manifest: pd.DataFrame,
-    features_dir: str | Path,
+    store_of,
     *,
     label_column: str = "label",
     memory_budget_gb: float = 8.0,
@@ -103,6 +135,11 @@ def load_slide_bags(
     what fits the budget, see :class:`BagTensors`). ``case_id`` (when present)
     becomes the bag's group, so splits keep a patient's slides together.
 
+    Parameters
+    ----------
+    store_of : callable
+        slide_id -> path of its feature store (:meth:`wsimil.layout.RunLayout.feature_store`).
+
     Returns
     -------
     bags : list of Bag
@@ -110,18 +147,18 @@ def load_slide_bags(
     """
     from .store import open_store
 
-    features_dir = Path(features_dir)
     present, skipped = [], []
     total_bytes = 0
-    for rec in manifest.itertuples(index=False):
-        store = features_dir / f"{rec.slide_id}.zarr"
+    for rec in manifest.to_dict("records"):
+        sid = str(rec["slide_id"])
+        store = Path(store_of(sid))
         if not store.exists():
-            skipped.append({"slide_id": rec.slide_id, "reason": f"no feature store at {store}"})
+            skipped.append({"slide_id": sid, "reason": f"no feature store at {store}"})
             continue
         g = open_store(store)
         n, d = g["features"].shape
         if n == 0:
-            skipped.append({"slide_id": rec.slide_id, "reason": "0 tiles"})
+            skipped.append({"slide_id": sid, "reason": "0 tiles"})
             continue
         total_bytes += n * d * 4
         present.append((rec, g))
@@ -133,11 +170,11 @@ def load_slide_bags(
         )
     bags = []
     for rec, g in present:
-        label = getattr(rec, label_column)
-        case = getattr(rec, "case_id", None)
-        group = str(case) if case is not None and not pd.isna(case) else str(rec.slide_id)
+        sid = str(rec["slide_id"])
+        case = rec.get("case_id")
+        group = str(case) if case is not None and not pd.isna(case) else sid
         feats = g["features"] if stream else np.asarray(g["features"][...], dtype=np.float32)
-        bags.append(Bag(str(rec.slide_id), feats, int(label), group))
+        bags.append(Bag(sid, feats, int(rec[label_column]), group))
     if console is not None:
         for s in skipped:
             console.print(f"[yellow]skip[/yellow] {s['slide_id']}: {s['reason']}")

@@ -52,12 +52,15 @@ class TileConfig(_Section):
 
 
 class EmbedConfig(_Section):
-    encoder: str = "efficientnet_lite0"
-    pretrained: bool = True
-    checkpoint: str | None = None
-    batch_size: int = Field(64, ge=1)
-    num_workers: int = Field(2, ge=0)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    encoder: str = Field(
+        "efficientnet_lite0",
+        description="encoder name: efficientnet_lite0, resnet50_trunc, any timm name, hf-hub:ORG/NAME",
+    )
+    pretrained: bool = Field(True, description="pretrained weights (off: random, for tests only)")
+    checkpoint: str | None = Field(None, description="local weights file for the encoder")
+    batch_size: int = Field(64, ge=1, description="tiles per forward pass")
+    num_workers: int = Field(2, ge=0, description="DataLoader worker processes reading tiles")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the encoder runs")
     group_reads: bool = Field(True, description="read horizontal neighbour tiles as one region")
     reader: Literal["auto", "openslide", "tifffile"] = Field(
         "auto",
@@ -70,17 +73,26 @@ class EmbedConfig(_Section):
 
 
 class TrainConfig(_Section):
-    name: str = "gated_attention"
-    model: str = "gated_attention"
-    label_column: str = "label"
-    hidden_dim: int = Field(256, ge=1)
-    attention_dim: int = Field(128, ge=1)
-    dropout: float = Field(0.25, ge=0, lt=1)
-    epochs: int = Field(40, ge=1)
-    patience: int = Field(10, ge=1)
-    lr: float = Field(2e-4, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
-    test_fraction: float = Field(0.3, gt=0, lt=1)
+    name: str = Field(
+        "gated_attention", description="model folder under RUN_DIR/models [the model name]"
+    )
+    model: str = Field(
+        "gated_attention",
+        description="MIL pooling: gated_attention, attention, embedding_mean, embedding_max, instance_mean, instance_max",
+    )
+    label_column: str = Field("label", description="manifest column with the slide labels")
+    hidden_dim: int = Field(256, ge=1, description="width of the instance MLP f")
+    attention_dim: int = Field(128, ge=1, description="width of the attention network")
+    dropout: float = Field(0.25, ge=0, lt=1, description="dropout in f")
+    epochs: int = Field(40, ge=1, description="maximum training epochs")
+    patience: int = Field(
+        10, ge=1, description="epochs without a better validation loss before stopping"
+    )
+    lr: float = Field(2e-4, gt=0, description="Adam learning rate")
+    weight_decay: float = Field(1e-4, ge=0, description="Adam weight decay")
+    test_fraction: float = Field(
+        0.3, gt=0, lt=1, description="share of cases held out for testing (holdout)"
+    )
     val_fraction: float = Field(
         0.2,
         ge=0,
@@ -90,7 +102,7 @@ class TrainConfig(_Section):
     max_instances: int | None = Field(
         None, ge=1, description="instances sampled per bag per training step (never at evaluation)"
     )
-    seed: int = 0
+    seed: int = Field(0, description="seed of splits, initialisation and sampling")
     mlp_dims: list[int] | None = Field(
         None, description="widths of the instance MLP f (None: [hidden_dim])"
     )
@@ -101,8 +113,10 @@ class TrainConfig(_Section):
         "holdout",
         description="holdout split, repeated stratified k-fold CV, or a fixed split column",
     )
-    n_folds: int = Field(10, ge=2)
-    n_repeats: int = Field(1, ge=1)
+    n_folds: int = Field(10, ge=2, description="CV folds", json_schema_extra={"cli": "--folds"})
+    n_repeats: int = Field(
+        1, ge=1, description="CV repeats", json_schema_extra={"cli": "--repeats"}
+    )
     split_column: str = Field(
         "split", description="manifest column with train/val/test (protocol split_column)"
     )
@@ -114,16 +128,24 @@ class TrainConfig(_Section):
 
 
 class HeatmapConfig(_Section):
-    cmap: str = "turbo"
-    alpha: float = Field(0.5, ge=0, le=1)
-    thumbnail_px: int = Field(2048, ge=64)
-    smooth_tiles: float = Field(0.0, ge=0)  # Gaussian sigma of the overlay, in tiles (0 = none)
-    tissue_outline: bool = True
-    top_k: int = Field(8, ge=0)  # highest-attention tiles saved as crops
-    crop_px: int = Field(256, ge=16)
-    geojson: bool = True  # QuPath tile objects with measurements
-    pyramid_tiff: bool = True  # pyramidal heatmap TIFF with the slide's geometry
-    review_page: bool = True  # static index.html + one page per slide
+    cmap: str = Field("turbo", description="Matplotlib colormap of the overlay")
+    alpha: float = Field(0.5, ge=0, le=1, description="overlay opacity")
+    thumbnail_px: int = Field(2048, ge=64, description="long side of the overlay")
+    smooth_tiles: float = Field(
+        0.0, ge=0, description="Gaussian smoothing of the overlay, sigma in tiles (0: none)"
+    )
+    tissue_outline: bool = Field(True, description="draw the tissue outline on the overlay")
+    top_k: int = Field(8, ge=0, description="highest-attention tiles saved as crops")
+    crop_px: int = Field(256, ge=16, description="side of the saved crops")
+    geojson: bool = Field(True, description="QuPath GeoJSON of tile objects with measurements")
+    pyramid_tiff: bool = Field(
+        True,
+        description="pyramidal heatmap TIFF with the slide's geometry",
+        json_schema_extra={"cli": "--tiff"},
+    )
+    review_page: bool = Field(
+        True, description="the cohort's index.html (written with predictions.csv by the report)"
+    )
 
 
 class Config(_Section):
@@ -138,7 +160,15 @@ def load_config(path: str | Path | None = None, **overrides: dict) -> Config:
 
     ``overrides`` maps a section name to a dict of values; ``None`` values are ignored, so
     unset command-line flags leave the file's values alone.
+
+    Raises
+    ------
+    ValueError
+        One line per bad value naming where it came from (the file or the command line), the
+        key, the value and what is allowed.
     """
+    from pydantic import ValidationError
+
     data: dict = {}
     if path is not None:
         path = Path(path)
@@ -150,10 +180,61 @@ def load_config(path: str | Path | None = None, **overrides: dict) -> Config:
             raise ValueError(
                 f"{path}: config must be a mapping with sections tile/embed/train/heatmap"
             )
+    flags: set[tuple[str, str]] = set()
     for section, values in overrides.items():
         clean = {k: v for k, v in (values or {}).items() if v is not None}
-        data.setdefault(section, {}).update(clean)
-    return Config.model_validate(data)
+        flags |= {(section, k) for k in clean}
+        section_data = data.setdefault(section, {})
+        if not isinstance(section_data, dict):
+            raise ValueError(f"{path}: section {section!r} must be a mapping of settings")
+        section_data.update(clean)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ValueError("; ".join(_describe(e, path, flags) for e in exc.errors())) from None
+
+
+def cli_flag(section: type[BaseModel], name: str) -> str:
+    """The command-line flag of a section's setting (``tile_px`` -> ``--tile-px``)."""
+    extra = section.model_fields[name].json_schema_extra or {}
+    return extra.get("cli") or f"--{name.replace('_', '-')}"
+
+
+def _describe(error: dict, path: Path | None, flags: set[tuple[str, str]]) -> str:
+    """One readable line for one pydantic error: where, key, value, what is allowed."""
+    loc = tuple(str(p) for p in error["loc"])
+    key = ".".join(loc)
+    if len(loc) >= 2 and (loc[0], loc[1]) in flags:
+        where = cli_flag(Config.model_fields[loc[0]].annotation, loc[1])
+    else:
+        where = f"{path}: {key}" if path is not None else key
+    if error["type"] == "extra_forbidden":
+        section = Config.model_fields.get(loc[0])
+        known = (
+            sorted(section.annotation.model_fields)
+            if section and len(loc) > 1
+            else sorted(Config.model_fields)
+        )
+        return f"{where}: unknown setting; known: {', '.join(known)}"
+    return f"{where} = {error.get('input')!r}: {error['msg'].lower()}"
+
+
+def defaults_yaml() -> str:
+    """Every setting with its default and description, as a YAML config (``configs/default.yaml``)."""
+    lines = [
+        "# wsimil settings: one section per stage; every key is optional (these are the defaults).",
+        "# Use with any stage: wsimil tile RUN_DIR --config configs/default.yaml",
+        "# Written by `wsimil config` from the fields of wsimil/config.py (one declaration per setting).",
+    ]
+    for key, section in Config.model_fields.items():
+        lines.append(f"{key}:")
+        for name, field in section.annotation.model_fields.items():
+            value = yaml.safe_dump(field.default, default_flow_style=True).split("\n")[0]
+            text = f"  {name}: {value}"
+            if field.description:
+                text = f"{text:<32} # {field.description}"
+            lines.append(text)
+    return "\n".join(lines) + "\n"
 
 
 def save_config(section: BaseModel, path: str | Path) -> None:

@@ -1,4 +1,5 @@
-"""Evaluation protocols: repeated stratified group k-fold with an inner validation split.
+"""Evaluation protocols: holdout, repeated stratified group k-fold with an inner validation
+split, or a fixed split column; and the metrics reported per fold.
 
 Splits are over groups (``Bag.group``: the case/patient), so the slides of one case never
 straddle train and test, nor train and validation. Everything is seeded.
@@ -9,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
+
+from .config import TrainConfig
 
 
 @dataclass
@@ -120,3 +124,71 @@ def column_split(bags, values: dict[str, str]) -> dict[str, str]:
             f"case {bad[0]} has slides in {sorted(by_group[bad[0]])}; a case must stay in one split"
         )
     return out
+
+
+def binary_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> dict:
+    """Accuracy, precision, recall, F1 and ROC AUC (NaN when one class is missing)."""
+    from sklearn.metrics import (
+        accuracy_score,
+        f1_score,
+        precision_score,
+        recall_score,
+        roc_auc_score,
+    )
+
+    labels = np.asarray(labels).astype(int)
+    pred = (np.asarray(probs) >= threshold).astype(int)
+    out = {
+        "n": len(labels),
+        "accuracy": accuracy_score(labels, pred) if len(labels) else float("nan"),
+        "precision": precision_score(labels, pred, zero_division=0),
+        "recall": recall_score(labels, pred, zero_division=0),
+        "f1": f1_score(labels, pred, zero_division=0),
+        "auc": roc_auc_score(labels, probs) if len(set(labels.tolist())) == 2 else float("nan"),
+    }
+    return {k: (float(v) if k != "n" else int(v)) for k, v in out.items()}
+
+
+METRIC_COLUMNS = ["accuracy", "precision", "recall", "f1", "auc"]
+
+
+def make_folds(
+    bags: list, cfg: TrainConfig, *, split_values: dict[str, str] | None = None
+) -> list[Fold]:
+    """The folds of ``cfg.protocol``: one holdout split, one fixed column split, or repeats x k folds."""
+    if cfg.protocol == "cv":
+        return kfold_splits(
+            bags,
+            n_folds=cfg.n_folds,
+            n_repeats=cfg.n_repeats,
+            val_fraction=cfg.val_fraction,
+            seed=cfg.seed,
+        )
+    if cfg.protocol == "split_column":
+        if split_values is None:
+            raise ValueError(
+                f"protocol split_column needs a {cfg.split_column!r} column in the manifest"
+            )
+        return [Fold(0, 0, column_split(bags, split_values))]
+    if len(bags) < 4:
+        raise ValueError(f"only {len(bags)} bags; need at least 4 to split train/val/test")
+    return [
+        Fold(
+            0,
+            0,
+            holdout_split(
+                bags, test_fraction=cfg.test_fraction, val_fraction=cfg.val_fraction, seed=cfg.seed
+            ),
+        )
+    ]
+
+
+def summarise_metrics(per_fold: pd.DataFrame) -> pd.DataFrame:
+    """Mean and std over folds of the paper's columns; one row ``mean`` and one ``std``."""
+    cols = [c for c in METRIC_COLUMNS if c in per_fold]
+    return pd.DataFrame(
+        {
+            "stat": ["mean", "std"],
+            **{c: [per_fold[c].mean(), per_fold[c].std(ddof=0)] for c in cols},
+        }
+    )

@@ -7,6 +7,7 @@ The settings are :func:`demo_config` (mirrored in ``configs/demo.yaml``).
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from .config import Config
+from .layout import RunLayout
 
 DEMO_N_SLIDES = 24
 DEMO_SIZE_PX = 10_000
@@ -75,14 +77,15 @@ def localisation(
     from .store import open_store
     from .synth import load_lesion_mask
 
+    layout = RunLayout(run_dir)
     aucs, tops, pooled_y, pooled_s = [], [], [], []
     rows = manifest.set_index("slide_id")
     for sid in slide_ids:
-        table_path = run_dir / "heatmaps" / model_name / f"{sid}.csv"
+        table_path = layout.heatmap_slide(model_name, sid).table
         if not table_path.exists():
             continue
         table = pd.read_csv(table_path)
-        tattrs = dict(open_store(run_dir / "tiles" / f"{sid}.zarr").attrs)
+        tattrs = dict(open_store(layout.tile_store(sid)).attrs)
         mask, ds = load_lesion_mask(rows.loc[sid, "lesion_mask"], slide_width_px=tattrs["width_px"])
         y = lesion_tile_labels(
             table[["x", "y"]].to_numpy(),
@@ -110,81 +113,31 @@ def localisation(
     }
 
 
-def run_demo(
-    out_dir: str | Path,
-    *,
-    n_slides: int | None = None,
-    size_px: int | None = None,
-    encoder: str | None = None,
-    seed: int = 0,
-    console=None,
-) -> dict:
-    """Generate the sample cohort in ``out_dir`` and run every stage; print and return the results."""
-    from .config import save_config
-    from .embed import run_embed
-    from .heatmap import run_heatmap
-    from .manifest import read_manifest
+def _timed(times: dict, name: str, fn, *args, **kwargs):
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    times[name] = time.perf_counter() - t0
+    return out
+
+
+def _make_cohort(out_dir: Path, n: int, size: int, seed: int, console) -> Path:
     from .progress import progress_bar
     from .synth import make_cohort
-    from .tile import run_tile
-    from .train import run_train
 
-    say = console.print if console is not None else print
-    out_dir = Path(out_dir)
-    cfg = demo_config(encoder=encoder, seed=seed)
-    n = n_slides or DEMO_N_SLIDES
-    size = size_px or DEMO_SIZE_PX
-    times = {}
-    t_all = time.perf_counter()
-
-    t0 = time.perf_counter()
-    say(f"[bold]1/5 synth[/bold]: {n} slides of {size:,} x {size:,} px at 0.5 µm/px into {out_dir}")
     with progress_bar(console, "synth", n) as advance:
-        manifest_path = make_cohort(
-            out_dir,
-            n_slides=n,
-            width_px=size,
-            height_px=size,
-            mpp=0.5,
-            seed=seed,
+        return make_cohort(
+            out_dir, n_slides=n, width_px=size, height_px=size, mpp=0.5, seed=seed,
             progress=lambda i, k, sid: advance(),
-        )
-    times["synth"] = time.perf_counter() - t0
-    save_config(cfg, out_dir / "demo_config.yaml")
-    manifest = read_manifest(manifest_path, require_label=True)
+        )  # fmt: skip
 
-    t0 = time.perf_counter()
-    say("[bold]2/5 tile[/bold]")
-    tiles = run_tile(manifest, out_dir, cfg.tile, console=console)
-    times["tile"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    say(f"[bold]3/5 embed[/bold] with {cfg.embed.encoder}")
-    feats = run_embed(manifest, out_dir, cfg.embed, console=console)
-    times["embed"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    say(f"[bold]4/5 train[/bold] {cfg.train.model}")
-    res = run_train(manifest, out_dir, cfg.train, encoder=cfg.embed.encoder, console=console)
-    times["train"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    say("[bold]5/5 heatmap[/bold]")
-    hm = run_heatmap(manifest, out_dir, cfg.heatmap, model_name=cfg.train.name, console=console)
-    times["heatmap"] = time.perf_counter() - t0
-
-    pred = pd.read_csv(Path(res["model_dir"]) / "predictions.csv")
-    test_pos = pred[(pred.split == "test") & (pred.label == 1)].slide_id.tolist()
-    all_pos = pred[pred.label == 1].slide_id.tolist()
-    loc_test = localisation(out_dir, manifest, cfg.train.name, test_pos)
-    loc_all = localisation(out_dir, manifest, cfg.train.name, all_pos)
-    total = time.perf_counter() - t_all
-    failed = sum(int((df.status == "error").sum()) for df in (tiles, feats, hm))
-
+def _print_results(say, out_dir: Path, cfg: Config, tiles, res, loc_test, loc_all, times, total):
+    layout = RunLayout(out_dir)
     say("")
     say("[bold]wsimil demo results[/bold]")
     say(
-        f"  tiles: {int(tiles.n_tiles.sum()):,} over {len(tiles)} slides; features in {out_dir / 'features'}"
+        f"  tiles: {int(tiles.n_tiles.sum()):,} over {len(tiles)} slides; "
+        f"features in {layout.features(cfg.embed.encoder).path}"
     )
     say(
         f"  held-out slides: {res['n']}  slide AUC {res['auc']:.3f}  accuracy {res['accuracy']:.3f}  F1 {res['f1']:.3f}"
@@ -200,8 +153,63 @@ def run_demo(
         "  seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) + f", total {total:.0f}"
     )
     say(f"  model: {res['model_dir']}")
-    say(f"  heatmaps: {out_dir / 'heatmaps' / cfg.train.name}/<slide_id>.png")
-    say(f"  review page: {out_dir / 'heatmaps' / cfg.train.name / 'index.html'}")
+    say(f"  heatmaps: {layout.heatmaps(cfg.train.name).path}/slides/<slide_id>/<slide_id>.png")
+    say(f"  review page: {layout.review_index(cfg.train.name)}")
+
+
+def run_demo(
+    out_dir: str | Path,
+    *,
+    n_slides: int | None = None,
+    size_px: int | None = None,
+    encoder: str | None = None,
+    seed: int = 0,
+    console=None,
+) -> dict:
+    """Generate the sample cohort in ``out_dir`` and run every stage; print and return the results."""
+    from .config import save_config
+    from .embed import run_embed
+    from .heatmap import run_heatmap
+    from .manifest import read_manifest
+    from .tile import run_tile
+    from .train import run_train
+
+    say = console.print if console is not None else print
+    out_dir = Path(out_dir)
+    layout = RunLayout(out_dir)
+    cfg = demo_config(encoder=encoder, seed=seed)
+    n, size = n_slides or DEMO_N_SLIDES, size_px or DEMO_SIZE_PX
+    times: dict[str, float] = {}
+    t_all = time.perf_counter()
+
+    say(f"[bold]1/5 synth[/bold]: {n} slides of {size:,} x {size:,} px at 0.5 µm/px into {out_dir}")
+    manifest_path = _timed(times, "synth", _make_cohort, out_dir, n, size, seed, console)
+    save_config(cfg, layout.demo_config)
+    manifest = read_manifest(manifest_path, require_label=True)
+    say("[bold]2/5 tile[/bold]")
+    tiles = _timed(times, "tile", run_tile, manifest, out_dir, cfg.tile, console=console)
+    say(f"[bold]3/5 embed[/bold] with {cfg.embed.encoder}")
+    feats = _timed(times, "embed", run_embed, manifest, out_dir, cfg.embed, console=console)
+    say(f"[bold]4/5 train[/bold] {cfg.train.model}")
+    res = _timed(
+        times, "train", run_train, manifest, out_dir, cfg.train, encoder=cfg.embed.encoder,
+        console=console,
+    )  # fmt: skip
+    say("[bold]5/5 heatmap[/bold]")
+    hm = _timed(
+        times, "heatmap", run_heatmap, manifest, out_dir, cfg.heatmap,
+        model_name=cfg.train.name, console=console,
+    )  # fmt: skip
+
+    pred = pd.read_csv(Path(res["model_dir"]) / "predictions.csv")
+    test_pos = pred[(pred.split == "test") & (pred.label == 1)].slide_id.tolist()
+    loc_test = localisation(out_dir, manifest, cfg.train.name, test_pos)
+    loc_all = localisation(
+        out_dir, manifest, cfg.train.name, pred[pred.label == 1].slide_id.tolist()
+    )
+    total = time.perf_counter() - t_all
+    failed = sum(int((df.status == "error").sum()) for df in (tiles, feats, hm))
+    _print_results(say, out_dir, cfg, tiles, res, loc_test, loc_all, times, total)
     if failed:
         say(f"[red]{failed} slide-stage(s) failed; see the status.jsonl files[/red]")
     result = {
@@ -212,7 +220,5 @@ def run_demo(
         "total_seconds": total,
         "failed": failed,
     }
-    import json
-
-    (out_dir / "demo_results.json").write_text(json.dumps(result, indent=2, default=float))
+    layout.demo_results.write_text(json.dumps(result, indent=2, default=float))
     return result

@@ -1,4 +1,5 @@
-"""Heatmap exports for review tools: QuPath GeoJSON, a pyramidal heatmap TIFF, top-tile crops.
+"""A slide's heatmap outputs: the overlay and thumbnail (:func:`export_slide`), and exports for
+review tools: QuPath GeoJSON, a pyramidal heatmap TIFF, top-tile crops.
 
 Every writer is memory-bounded by the number of tiles or by one output tile, never by the
 slide's level-0 size: the pyramidal TIFF is generated tile by tile from a small grid image
@@ -10,10 +11,14 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+import time
 from pathlib import Path
 
 import numpy as np
+
+from .layout import HeatmapFiles
+from .pyramid import IndexedGridTiles, PyramidLevel, level_sizes, write_tiff_pyramid
+from .raster import colour_lut, mask_outline, paint_tiles, render_overlay, smooth_heat
 
 MEASUREMENTS = ("attention", "attention_scaled", "rank", "instance_score")
 
@@ -84,22 +89,11 @@ def grid_step(coords: np.ndarray, tile_px_level0: int) -> int:
     return max(g, max(1, int(tile_px_level0) // 16))
 
 
-def colour_lut(cmap: str) -> np.ndarray:
-    """The colormap as a (256, 3) uint8 table."""
-    import matplotlib
-
-    return (matplotlib.colormaps[cmap](np.linspace(0, 1, 256))[:, :3] * 255 + 0.5).astype(np.uint8)
-
-
 def _level_sizes(
     width: int, height: int, *, min_long_side: int = 1024
 ) -> list[tuple[int, int, int]]:
     """(width, height, downsample) per level: halving until the long side is <= min_long_side."""
-    out, d = [(width, height, 1)], 1
-    while max(-(-width // d), -(-height // d)) > min_long_side:
-        d *= 2
-        out.append((-(-width // d), -(-height // d), d))
-    return out
+    return level_sizes(width, height, factor=2, max_long_side=min_long_side)
 
 
 def write_heatmap_tiff(
@@ -140,11 +134,6 @@ def write_heatmap_tiff(
     Memory: the grid image is (height / step, width / step) and one output tile is built at a
     time, so a 100,000 x 100,000 px slide needs megabytes, not the 30 GB of its level 0.
     """
-    import imagecodecs
-    import tifffile
-
-    from .heatmap import paint_tiles
-
     path = Path(path)
     if tile_px % 16:
         raise ValueError(f"tile_px must be a multiple of 16, got {tile_px}")
@@ -163,67 +152,23 @@ def write_heatmap_tiff(
         np.int16
     )
     palette = np.concatenate([lut, np.full((1, 3), 255, np.uint8)])
-    cache: dict = {}
-    stats = {"tiles_encoded": 0, "tiles_written": 0}
-
-    def encode(tile: np.ndarray) -> bytes:
-        stats["tiles_encoded"] += 1
-        return imagecodecs.jpeg8_encode(
-            tile, level=quality, colorspace="RGB", outcolorspace="YCBCR", subsampling=(2, 2)
-        )
-
-    def level_tiles(w: int, h: int, d: int) -> Iterator[bytes]:
-        for ty in range(0, h, tile_px):
-            gy = np.minimum((np.arange(ty, ty + tile_px, dtype=np.int64) * d) // step, gh - 1)
-            for tx in range(0, w, tile_px):
-                gx = np.minimum((np.arange(tx, tx + tile_px, dtype=np.int64) * d) // step, gw - 1)
-                block = idx[gy[0] : gy[-1] + 1, gx[0] : gx[-1] + 1]
-                first = block.flat[0]
-                if (block == first).all():
-                    key = ("const", int(first))
-                else:
-                    key = None
-                if key is not None and key in cache:
-                    data = cache[key]
-                else:
-                    # gy/gx are runs of equal cells: repeat the small block instead of gathering
-                    _, cy = np.unique(gy, return_counts=True)
-                    _, cx = np.unique(gx, return_counts=True)
-                    data = encode(np.repeat(np.repeat(palette[block], cy, axis=0), cx, axis=1))
-                    if key is not None:
-                        cache[key] = data
-                stats["tiles_written"] += 1
-                yield data
-
+    tiles = IndexedGridTiles(idx, palette, step=step, tile_px=tile_px, jpeg_quality=quality)
     levels = _level_sizes(int(width_px), int(height_px))
-    common = dict(
-        photometric="rgb",
-        compression="jpeg",
-        subsampling=(2, 2),
-        tile=(tile_px, tile_px),
-        dtype=np.uint8,
-        metadata=None,
+    write_tiff_pyramid(
+        path,
+        [PyramidLevel(w, h, tiles.level(w, h, d), downsample=d) for w, h, d in levels],
+        tile_px=tile_px,
+        mpp=mpp,
+        jpeg_quality=quality,
         software="wsimil.heatmap",
+        atomic=True,
     )
-    tmp = path.with_name(f".{path.name}.tmp.tiff")
-    with tifffile.TiffWriter(tmp, bigtiff=True) as tw:
-        for k, (w, h, d) in enumerate(levels):
-            extra = (
-                {}
-                if mpp is None
-                else dict(
-                    resolution=(1e4 / (mpp * d), 1e4 / (mpp * d)), resolutionunit="CENTIMETER"
-                )
-            )
-            tw.write(
-                data=level_tiles(w, h, d),
-                shape=(h, w, 3),
-                subfiletype=1 if k else 0,
-                **extra,
-                **common,
-            )
-    tmp.replace(path)
-    return {"levels": [(w, h) for w, h, _ in levels], "grid_step": step, **stats}
+    return {
+        "levels": [(w, h) for w, h, _ in levels],
+        "grid_step": step,
+        "tiles_encoded": tiles.tiles_encoded,
+        "tiles_written": tiles.tiles_written,
+    }
 
 
 def write_top_crops(
@@ -281,3 +226,80 @@ def write_top_crops(
             rec["attention_scaled"] = float(table["attention_scaled"].iloc[i])
         out.append(rec)
     return out
+
+
+def export_slide(
+    slide,
+    table,
+    *,
+    slide_id: str,
+    tile_px_level0: int,
+    out_dir: str | Path,
+    cfg,
+    title: str = "",
+    tissue: tuple[np.ndarray, float] | None = None,
+) -> dict:
+    """Write the overlay, thumbnail and review-tool exports of one slide into ``out_dir``.
+
+    Parameters
+    ----------
+    slide : wsimil.slide.Slide
+        The open slide (thumbnail, crops, geometry).
+    table : DataFrame, N rows
+        ``x``, ``y`` and the per-tile scores of :func:`wsimil.heatmap.slide_scores`.
+    out_dir : path
+        The slide's (partial) output folder; files are named as :class:`wsimil.layout.HeatmapFiles`.
+    tissue : (mask, mask_downsample), optional
+        Tissue mask from the tile store, for the outline.
+
+    Returns
+    -------
+    dict: ``overlay``, ``thumbnail``, ``geojson``, ``tiff`` (file names or None), ``top`` (list of
+    crop records, see :func:`write_top_crops`, files under ``top/``), ``seconds`` per output.
+    """
+    from PIL import Image
+
+    files = HeatmapFiles(Path(out_dir), slide_id)
+    secs: dict[str, float] = {}
+    res: dict = {"overlay": files.overlay.name, "thumbnail": files.thumbnail.name,
+                 "geojson": None, "tiff": None, "top": []}  # fmt: skip
+    coords = table[["x", "y"]].to_numpy(np.int64)
+    scaled = table["attention_scaled"].to_numpy(np.float64)
+
+    t0 = time.perf_counter()
+    thumb, ds = slide.thumbnail(cfg.thumbnail_px)
+    heat, covered = paint_tiles(
+        scaled, coords, tile_px_level0=tile_px_level0, downsample=ds, shape=thumb.shape[:2]
+    )
+    heat = smooth_heat(heat, covered, sigma_px=cfg.smooth_tiles * tile_px_level0 / ds)
+    outline = None
+    if tissue is not None and cfg.tissue_outline:
+        outline = mask_outline(tissue[0], thumb.shape[:2])
+    img = render_overlay(
+        thumb, heat, covered, cmap=cfg.cmap, alpha=cfg.alpha, title=title, outline=outline
+    )
+    Image.fromarray(img).save(files.overlay)
+    Image.fromarray(thumb).save(files.thumbnail, quality=85)
+    secs["overlay"] = time.perf_counter() - t0
+
+    if cfg.geojson:
+        t0 = time.perf_counter()
+        write_geojson(files.geojson, table, tile_px_level0=tile_px_level0, slide_id=slide_id)
+        res["geojson"], secs["geojson"] = files.geojson.name, time.perf_counter() - t0
+    if cfg.pyramid_tiff:
+        t0 = time.perf_counter()
+        w, h = slide.dimensions
+        write_heatmap_tiff(
+            files.tiff, scaled, coords, tile_px_level0=tile_px_level0, width_px=w,
+            height_px=h, mpp=slide.mpp, cmap=cfg.cmap,
+        )  # fmt: skip
+        res["tiff"], secs["tiff"] = files.tiff.name, time.perf_counter() - t0
+    if cfg.top_k > 0:
+        t0 = time.perf_counter()
+        res["top"] = write_top_crops(
+            slide, table, files.top_dir, k=cfg.top_k, tile_px_level0=tile_px_level0,
+            crop_px=cfg.crop_px,
+        )  # fmt: skip
+        secs["top"] = time.perf_counter() - t0
+    res["seconds"] = secs
+    return res

@@ -29,19 +29,9 @@ def read_manifest(
         df = pd.read_csv(path, dtype={"slide_id": str, "case_id": str})
     except Exception as exc:
         raise ManifestError(f"{path}: cannot read manifest CSV: {exc}") from exc
-    missing = [
-        c for c in REQUIRED + ((label_column,) if require_label else ()) if c not in df.columns
-    ]
-    if missing:
-        raise ManifestError(
-            f"{path}: manifest lacks column(s) {', '.join(missing)}; it needs slide_id, path and label"
-        )
-    df["slide_id"] = df["slide_id"].astype(str).str.strip()
-    dups = df["slide_id"][df["slide_id"].duplicated()].unique().tolist()
-    if dups:
-        raise ManifestError(
-            f"{path}: duplicate slide_id(s) {', '.join(dups[:5])}; slide_id must be unique"
-        )
+    if "slide_id" in df.columns:
+        df["slide_id"] = df["slide_id"].astype(str).str.strip()
+    check_columns(df, source=str(path), require=(label_column,) if require_label else ())
     base = path.parent.resolve()
     for col in PATH_COLUMNS:
         if col in df.columns:
@@ -58,10 +48,44 @@ def read_manifest(
     return df.reset_index(drop=True)
 
 
-def mpp_override(rec) -> float | None:
-    """The manifest's ``mpp`` for one row (a ``DataFrame.itertuples`` record), or None if absent/empty."""
-    mpp = getattr(rec, "mpp", None)
+def check_columns(df: pd.DataFrame, *, source: str = "manifest", require=()) -> None:
+    """The checks every manifest gets, wherever it comes from: columns, unique slide ids.
+
+    Raises
+    ------
+    ManifestError
+        Naming ``source`` and what to fix.
+    """
+    missing = [c for c in (*REQUIRED, *require) if c not in df.columns]
+    if missing:
+        raise ManifestError(
+            f"{source}: manifest lacks column(s) {', '.join(missing)}; it needs slide_id, path and label"
+        )
+    ids = df["slide_id"].astype(str)
+    dups = ids[ids.duplicated()].unique().tolist()
+    if dups:
+        raise ManifestError(
+            f"{source}: duplicate slide_id(s) {', '.join(dups[:5])}; slide_id must be unique"
+        )
+
+
+def mpp_override(row: dict) -> float | None:
+    """The manifest's ``mpp`` for one row (a dict), or None if absent/empty."""
+    mpp = row.get("mpp")
     return None if mpp is None or pd.isna(mpp) else float(mpp)
+
+
+def select(df: pd.DataFrame, *, shard_spec: str | None = None, slides: str | None = None):
+    """The rows a stage command works on: ``--slides ID,ID,...`` and/or ``--shard I/N``."""
+    if slides:
+        wanted = [s.strip() for s in str(slides).split(",") if s.strip()]
+        unknown = sorted(set(wanted) - set(df["slide_id"]))
+        if unknown:
+            raise ManifestError(
+                f"--slides: {', '.join(unknown[:5])} not in the manifest; check the slide ids"
+            )
+        df = df[df["slide_id"].isin(wanted)].reset_index(drop=True)
+    return shard(df, shard_spec)
 
 
 def shard(df: pd.DataFrame, spec: str | None) -> pd.DataFrame:

@@ -1,7 +1,9 @@
-"""Static review pages for a heatmap run: ``index.html`` and one ``<slide_id>.html`` per slide.
+"""Static review pages: one ``<slide_id>.html`` per slide folder and the cohort's ``index.html``.
 
 Plain HTML + inline CSS, no scripts, no CDN, no web fonts: the pages open from disk, offline,
-and every link is relative to the heatmap folder, so the folder can be zipped and mailed.
+and every link is relative to the heatmap folder, so the folder can be zipped and mailed. A
+slide's page is written by its heatmap job (:func:`write_slide_page`, inside the slide's
+folder); the index by the cohort step (:func:`write_index`, :mod:`wsimil.report`).
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from html import escape
 from pathlib import Path
 from urllib.parse import quote
 
-import pandas as pd
+from .layout import HeatmapFiles
+from .store import write_text_atomic
 
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:1.2em;color:#222;background:#fafafa}
@@ -29,13 +32,13 @@ small{color:#555}
 """
 
 
-def _href(name: str) -> str:
-    return quote(name)
+def _href(*parts: str) -> str:
+    return "/".join(quote(p) for p in parts)
 
 
 def _verdict(label, prediction) -> tuple[str, str]:
     """(text, css class) of the prediction's correctness."""
-    if label is None or pd.isna(label) or prediction is None or prediction < 0:
+    if label is None or prediction is None or prediction < 0:
         return "n/a", "na"
     try:
         good = int(float(label)) == int(prediction)
@@ -52,102 +55,118 @@ def _page(title: str, body: str) -> str:
     )
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+def _label_text(record: dict) -> str:
+    label = record.get("label")
+    return "" if label is None else escape(str(label))
 
 
-def write_review_pages(
-    out_dir: str | Path, results: pd.DataFrame, pages: dict[str, dict], *, model_name: str = ""
-) -> Path:
-    """Write ``index.html`` (all slides by probability) and a page per successful slide.
+def _probability(record: dict) -> str:
+    p = record.get("probability")
+    return "" if p is None else f"{float(p):.3f}"
+
+
+def write_slide_page(files: HeatmapFiles, record: dict) -> Path:
+    """Write the review page of one slide into its folder (links relative to that folder).
 
     Parameters
     ----------
-    out_dir : Path
-        The heatmap folder holding the overlays, thumbnails, crops and tables.
-    results : DataFrame
-        One row per slide: ``slide_id``, ``status``, ``probability``, ``prediction``, ``label``,
-        ``message``.
-    pages : dict
-        slide_id -> the dict of :func:`wsimil.heatmap.export_slide` (+ ``n_tiles``).
-
-    Returns
-    -------
-    Path of ``index.html``.
+    files : HeatmapFiles
+        The slide's files (the partial folder while the heatmap job writes it).
+    record : dict
+        The slide's record: ``slide_id``, ``status``, ``probability``, ``prediction``, ``label``,
+        ``n_tiles``, ``files`` (names of the overlay, thumbnail, table, geojson, tiff, ``top``).
     """
-    out_dir = Path(out_dir)
-    df = results.copy()
-    df["_p"] = df["probability"].fillna(-1.0)
-    df = df.sort_values(["_p", "slide_id"], ascending=[False, True])
-    ok = df[df.status == "ok"]
-    n_lab = [
-        (r.label, r.prediction)
-        for r in ok.itertuples()
-        if _verdict(r.label, r.prediction)[1] != "na"
-    ]
-    n_right = sum(_verdict(lab, p)[1] == "ok" for lab, p in n_lab)
-    acc = f"{n_right}/{len(n_lab)} correct" if n_lab else "no labels"
-    rows = []
-    for r in df.itertuples():
-        sid = str(r.slide_id)
-        label = "" if r.label is None or pd.isna(r.label) else escape(str(r.label))
-        if r.status == "ok":
-            info = pages.get(sid, {})
-            text, cls = _verdict(r.label, r.prediction)
-            link = _href(f"{sid}.html")
-            thumb = f'<img class="pair" loading="lazy" alt="thumbnail of {escape(sid)}" src="{_href(info.get("thumbnail", sid + ".thumb.jpg"))}">'
-            over = f'<img class="pair" loading="lazy" alt="attention overlay of {escape(sid)}" src="{_href(info.get("overlay", sid + ".png"))}">'
-            rows.append(
-                f'<tr class="slide" id="row-{escape(sid)}"><td><a href="{link}">{escape(sid)}</a><br><small>{info.get("n_tiles", "")} tiles</small></td>'
-                f'<td>{r.probability:.3f}</td><td>{int(r.prediction)}</td><td>{label}</td><td class="{cls}">{text}</td>'
-                f"<td>{thumb}</td><td>{over}</td></tr>"
-            )
-        else:
-            rows.append(
-                f'<tr class="slide err" id="row-{escape(sid)}"><td>{escape(sid)}</td><td colspan="2">{escape(str(r.status))}</td>'
-                f'<td>{label}</td><td class="na">n/a</td><td colspan="2">{escape(str(r.message))}</td></tr>'
-            )
+    sid = record["slide_id"]
+    info = record.get("files", {})
+    text, cls = _verdict(record.get("label"), record.get("prediction"))
+    figs = []
+    for t in info.get("top", []):
+        figs.append(
+            f'<figure class="top"><img alt="tile rank {t["rank"]}" src="{_href("top", t["file"])}">'
+            f"<figcaption>#{t['rank']} attention {t['attention']:.4g} "
+            f"(scaled {t.get('attention_scaled', float('nan')):.2f})<br>x={t['x']} y={t['y']}</figcaption></figure>"
+        )
+    exports = []
+    for key, what in (("table", "tile scores (CSV)"), ("geojson", "QuPath GeoJSON"),
+                      ("tiff", "pyramidal heatmap TIFF")):  # fmt: skip
+        if info.get(key):
+            exports.append(f'<a href="{_href(info[key])}">{what}</a>')
+    state = (
+        f"probability <b>{_probability(record)}</b>, prediction {record.get('prediction')}, "
+        if record["status"] == "ok"
+        else f"<b>{escape(str(record.get('message', '')))}</b>; "
+    )
+    body = (
+        f'<p><a href="../../index.html">&larr; all slides</a></p><h1>{escape(sid)}</h1>'
+        f"<p>{state}label {_label_text(record) or 'n/a'}, "
+        f'<span class="{cls}">{text}</span>; {record.get("n_tiles", 0)} tiles. '
+        + " &middot; ".join(exports)
+        + "</p>"
+        f'<div class="side"><img alt="thumbnail" src="{_href(info.get("thumbnail", ""))}">'
+        f'<img alt="attention overlay" src="{_href(info.get("overlay", ""))}"></div>'
+        f'<h2>Top {len(figs)} attended tiles</h2><div class="tiles">{"".join(figs) or "<p>none saved</p>"}</div>'
+    )
+    files.page.write_text(_page(f"{sid} - wsimil", body), encoding="utf-8")
+    return files.page
+
+
+def _index_row(record: dict) -> str:
+    sid = record["slide_id"]
+    label = _label_text(record)
+    if record["status"] not in ("ok", "empty"):
+        return (
+            f'<tr class="slide err" id="row-{escape(sid)}"><td>{escape(sid)}</td><td colspan="2">'
+            f'{escape(str(record["status"]))}</td><td>{label}</td><td class="na">n/a</td>'
+            f'<td colspan="2">{escape(str(record.get("message", "")))}</td></tr>'
+        )
+    info = record.get("files", {})
+    text, cls = _verdict(record.get("label"), record.get("prediction"))
+    folder = ("slides", sid)
+    img = '<img class="pair" loading="lazy" alt="{what} of {sid}" src="{src}">'
+    thumb = img.format(what="thumbnail", sid=escape(sid), src=_href(*folder, info["thumbnail"]))
+    over = img.format(
+        what="attention overlay", sid=escape(sid), src=_href(*folder, info["overlay"])
+    )
+    prediction = record.get("prediction")
+    return (
+        f'<tr class="slide" id="row-{escape(sid)}"><td><a href="{_href(*folder, info["page"])}">'
+        f"{escape(sid)}</a><br><small>{record.get('n_tiles', 0)} tiles</small></td>"
+        f"<td>{_probability(record) or escape(record['status'])}</td>"
+        f"<td>{prediction if prediction is not None and prediction >= 0 else ''}</td>"
+        f'<td>{label}</td><td class="{cls}">{text}</td><td>{thumb}</td><td>{over}</td></tr>'
+    )
+
+
+def write_index(folder: str | Path, records: list[dict], *, model_name: str = "") -> Path:
+    """Write ``index.html``: every slide of the cohort by probability (highest first).
+
+    Parameters
+    ----------
+    folder : path
+        The model's heatmap folder (slides under ``slides/<slide_id>/``).
+    records : list of dict
+        One record per slide (see :func:`write_slide_page`); slides that failed or were not run
+        carry ``status`` and ``message`` only.
+    """
+    folder = Path(folder)
+    ordered = sorted(
+        records, key=lambda r: (-(r.get("probability") if r.get("probability") is not None
+                                  else -1.0), r["slide_id"]),
+    )  # fmt: skip
+    scored = [r for r in records if r["status"] == "ok"]
+    verdicts = [_verdict(r.get("label"), r.get("prediction"))[1] for r in scored]
+    judged = [v for v in verdicts if v != "na"]
+    acc = f"{judged.count('ok')}/{len(judged)} correct" if judged else "no labels"
     body = (
         f"<h1>wsimil heatmaps{(': ' + escape(model_name)) if model_name else ''}</h1>"
-        f"<p>{len(df)} slides, {len(ok)} scored, {acc}. Sorted by slide probability (highest first). "
+        f"<p>{len(records)} slides, {len(scored)} scored, {acc}. Sorted by slide probability (highest first). "
         "Overlay: per-slide min-max rescaled attention (red = highest); click a slide for its top tiles. "
         '<a href="predictions.csv">predictions.csv</a></p>'
         "<table><thead><tr><th>slide</th><th>probability</th><th>prediction</th><th>label</th><th>result</th>"
         "<th>thumbnail</th><th>attention overlay</th></tr></thead><tbody>\n"
-        + "\n".join(rows)
+        + "\n".join(_index_row(r) for r in ordered)
         + "\n</tbody></table>"
     )
-    index = out_dir / "index.html"
-    _write(index, _page(f"wsimil heatmaps {model_name}", body))
-
-    for r in ok.itertuples():
-        sid = str(r.slide_id)
-        info = pages.get(sid, {})
-        text, cls = _verdict(r.label, r.prediction)
-        label = "" if r.label is None or pd.isna(r.label) else escape(str(r.label))
-        figs = []
-        for t in info.get("top", []):
-            src = _href(f"{sid}_top/{t['file']}")
-            figs.append(
-                f'<figure class="top"><img alt="tile rank {t["rank"]}" src="{src}"><figcaption>#{t["rank"]} '
-                f"attention {t['attention']:.4g} (scaled {t.get('attention_scaled', float('nan')):.2f})<br>x={t['x']} y={t['y']}</figcaption></figure>"
-            )
-        exports = [f'<a href="{_href(sid + ".csv")}">tile scores (CSV)</a>']
-        if info.get("geojson"):
-            exports.append(f'<a href="{_href(info["geojson"])}">QuPath GeoJSON</a>')
-        if info.get("tiff"):
-            exports.append(f'<a href="{_href(info["tiff"])}">pyramidal heatmap TIFF</a>')
-        body = (
-            f'<p><a href="index.html">&larr; all slides</a></p><h1>{escape(sid)}</h1>'
-            f"<p>probability <b>{r.probability:.3f}</b>, prediction {int(r.prediction)}, label {label or 'n/a'}, "
-            f'<span class="{cls}">{text}</span>; {info.get("n_tiles", "")} tiles. '
-            + " &middot; ".join(exports)
-            + "</p>"
-            f'<div class="side"><img alt="thumbnail" src="{_href(info.get("thumbnail", sid + ".thumb.jpg"))}">'
-            f'<img alt="attention overlay" src="{_href(info.get("overlay", sid + ".png"))}"></div>'
-            f'<h2>Top {len(figs)} attended tiles</h2><div class="tiles">{"".join(figs) or "<p>none saved</p>"}</div>'
-        )
-        _write(out_dir / f"{sid}.html", _page(f"{sid} - wsimil", body))
+    index = folder / "index.html"
+    write_text_atomic(index, _page(f"wsimil heatmaps {model_name}", body))
     return index

@@ -1,7 +1,9 @@
-"""Per-slide outputs on disk: atomic Zarr stores, status lines, config hashes.
+"""Per-slide outputs on disk: atomic folders, files and Zarr stores; status lines; config hashes.
 
-A store is written under a temporary name next to its final path and renamed into place
-when complete, so a store that exists is complete; anything else is redone.
+One scheme for every stage: an output is written at :func:`wsimil.layout.partial_path`
+(``.<name>.partial``) while its slide's lock is held and renamed into place when complete, so
+an output that exists is complete. The next holder of the lock removes what a dead attempt
+left (:func:`remove_partial`); nothing is found by globbing.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .layout import partial_path, replaced_path
+
 
 def config_hash(settings: dict) -> str:
     """Short stable hash of the settings that shaped an output."""
@@ -31,76 +35,78 @@ def zstd_compressors():
     return (zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"),)
 
 
-class PendingStore:
-    """A Zarr v3 group written under a temporary name and renamed into place by :meth:`commit`.
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink(missing_ok=True)
 
-    Use it for streamed writes; :func:`atomic_store` wraps it for one-shot writes.
+
+def remove_partial(final: str | Path) -> bool:
+    """Remove what a dead attempt left of ``final``; True when there was something.
+
+    Call only while holding the slide's lock: then no live process writes these names.
     """
+    final = Path(final)
+    found = False
+    for p in (partial_path(final), replaced_path(final)):
+        if p.exists() or p.is_symlink():
+            _remove(p)
+            found = True
+    return found
+
+
+class Pending:
+    """A file or folder written at its partial name and renamed into place by :meth:`commit`."""
+
+    def __init__(self, final_path: str | Path, *, folder: bool = False):
+        self.final_path = Path(final_path)
+        self.final_path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = partial_path(self.final_path)
+        _remove(self.path)
+        if folder:
+            self.path.mkdir()
+
+    def commit(self) -> None:
+        """Move the finished output into place (replacing an older one only now)."""
+        if self.final_path.exists():
+            old = replaced_path(self.final_path)
+            _remove(old)
+            os.replace(self.final_path, old)
+            os.replace(self.path, self.final_path)
+            _remove(old)
+        else:
+            os.replace(self.path, self.final_path)
+
+    def abort(self) -> None:
+        """Remove the partial output; nothing appears at the final path."""
+        _remove(self.path)
+
+
+class PendingStore(Pending):
+    """A Zarr v3 group at its partial name (``.group``), renamed into place by :meth:`commit`."""
 
     def __init__(self, final_path: str | Path):
         import zarr
 
-        self.final_path = Path(final_path)
-        self.final_path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp_path = self.final_path.with_name(
-            f".{self.final_path.name}.tmp-{socket.gethostname()}-{os.getpid()}"
-        )
-        if self.tmp_path.exists():
-            shutil.rmtree(self.tmp_path)
-        self.group = zarr.open_group(str(self.tmp_path), mode="w", zarr_format=3)
+        super().__init__(final_path)
+        self.group = zarr.open_group(str(self.path), mode="w", zarr_format=3)
 
-    def commit(self) -> None:
-        """Rename the finished store into place (replacing an older one only now)."""
-        if self.final_path.exists():
-            old = self.final_path.with_name(f".{self.final_path.name}.old-{os.getpid()}")
-            os.replace(self.final_path, old)
-            os.replace(self.tmp_path, self.final_path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp_path, self.final_path)
-
-    def abort(self) -> None:
-        """Remove the temporary store; nothing appears at the final path."""
-        shutil.rmtree(self.tmp_path, ignore_errors=True)
+    @property
+    def tmp_path(self) -> Path:
+        return self.path
 
 
-def remove_stale_temps(folder: str | Path) -> list[Path]:
-    """Remove temporary stores left by killed runs on this host.
-
-    A temporary store is named ``.<name>.tmp-<host>-<pid>``; it is stale when ``<host>`` is this
-    machine and process ``<pid>`` no longer runs. Temporary stores of other hosts (shared file
-    systems) are left alone.
-
-    Returns
-    -------
-    list of Path
-        The removed folders.
-    """
-    folder = Path(folder)
-    host = socket.gethostname()
-    removed = []
-    if not folder.is_dir():
-        return removed
-    for p in folder.iterdir():
-        head, sep, tail = p.name.rpartition(".tmp-")
-        if not (sep and head.startswith(".")):
-            continue
-        t_host, _, pid = tail.rpartition("-")
-        if t_host != host or not pid.isdigit() or _alive(int(pid)):
-            continue
-        shutil.rmtree(p, ignore_errors=True)
-        removed.append(p)
-    return removed
-
-
-def _alive(pid: int) -> bool:
+@contextmanager
+def atomic_output(final_path: str | Path, *, folder: bool = False) -> Iterator[Path]:
+    """Yield a partial path (file or created folder) that appears at ``final_path`` on success."""
+    pending = Pending(final_path, folder=folder)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        yield pending.path
+    except BaseException:
+        pending.abort()
+        raise
+    pending.commit()
 
 
 @contextmanager
@@ -113,6 +119,18 @@ def atomic_store(final_path: str | Path) -> Iterator:
         pending.abort()
         raise
     pending.commit()
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a whole text file so that readers see the old or the new content, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_array(group, name: str, data: np.ndarray, *, chunk_rows: int = 4096) -> None:
@@ -133,24 +151,32 @@ def open_store(path: str | Path):
     return zarr.open_group(str(path), mode="r")
 
 
-def store_status(path: str | Path, expected_hash: str) -> str:
-    """``"missing"``, ``"complete"`` (same settings) or ``"changed"`` (other settings)."""
+def store_attrs(path: str | Path) -> dict | None:
+    """A store's attributes, or None when it is missing or unreadable."""
     path = Path(path)
     if not path.exists():
-        return "missing"
+        return None
     try:
-        attrs = dict(open_store(path).attrs)
+        return dict(open_store(path).attrs)
     except Exception:
+        return None
+
+
+def store_status(path: str | Path, expected_hash: str) -> str:
+    """``"missing"``, ``"complete"`` (same settings) or ``"changed"`` (other settings)."""
+    attrs = store_attrs(path)
+    if attrs is None:
         return "missing"
     return "complete" if attrs.get("config_hash") == expected_hash else "changed"
 
 
 class StatusLog:
-    """Append-only ``status.jsonl``: one JSON line per slide attempt."""
+    """Append-only ``status.jsonl``: one JSON line per slide attempt, written as it ends."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def write(
         self, slide_id: str, status: str, message: str = "", seconds: float = 0.0, **extra
@@ -161,8 +187,64 @@ class StatusLog:
             "message": message,
             "seconds": round(float(seconds), 3),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "worker": self.worker,
             **extra,
         }
         # One write() of a short line with O_APPEND: lines from several workers do not interleave.
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(line) + "\n")
+        data = (json.dumps(line, default=_jsonable) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+
+    def read(self) -> list[dict]:
+        """All lines (a partly written last line is skipped)."""
+        if not self.path.is_file():
+            return []
+        out = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return out
+
+
+def _jsonable(v):
+    if isinstance(v, np.generic):
+        return v.item()
+    return str(v)
+
+
+class RowWriter:
+    """Append rows to a Zarr array one whole chunk at a time (no read-modify-write of chunks)."""
+
+    def __init__(self, array):
+        self.array = array
+        self.chunk_rows = array.chunks[0]
+        self.rows = 0  # rows appended so far
+        self._buf: list[np.ndarray] = []
+        self._buffered = 0
+
+    def append(self, block: np.ndarray) -> None:
+        self._buf.append(block)
+        self._buffered += len(block)
+        self.rows += len(block)
+        if self._buffered >= self.chunk_rows:
+            self._write(whole_chunks_only=True)
+
+    def flush(self) -> None:
+        self._write(whole_chunks_only=False)
+
+    def _write(self, *, whole_chunks_only: bool) -> None:
+        if not self._buf:
+            return
+        data = np.concatenate(self._buf)
+        start = self.rows - len(data)
+        n = (len(data) // self.chunk_rows) * self.chunk_rows if whole_chunks_only else len(data)
+        if n:
+            self.array[start : start + n] = data[:n]
+        rest = data[n:]
+        self._buf = [rest] if len(rest) else []
+        self._buffered = len(rest)

@@ -14,7 +14,6 @@ mpp and at level 0, read level, thresholds, config hash, reader). A QC image
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,9 +22,11 @@ import pandas as pd
 
 from . import __version__
 from .config import TileConfig, save_config
+from .layout import RunLayout
 from .manifest import mpp_override
+from .runner import SlideOutcome, SlideStage, run_slides
 from .slide import Slide, SlideError, open_slide
-from .store import StatusLog, atomic_store, config_hash, store_status, write_array
+from .store import atomic_output, atomic_store, config_hash, store_attrs, write_array
 from .tissue import tissue_mask
 
 
@@ -149,7 +150,7 @@ def slide_tissue_mask(
         from .annotations import load_mask
 
         return load_mask(mask_file, width_px=w0, height_px=h0, downsample=w0 / mw), w0 / mw
-    rgb = low_res_image(slide, (mw, mh))
+    rgb = slide.read_downsampled((mw, mh))
     pixel_um = slide.mpp * (w0 / mw)
     mask = tissue_mask(
         rgb,
@@ -161,56 +162,6 @@ def slide_tissue_mask(
         black_level=cfg.black_level,
     )
     return mask, w0 / mw
-
-
-def low_res_image(
-    slide: Slide,
-    size: tuple[int, int],
-    *,
-    max_level_px: int = 64_000_000,
-    max_strip_px: int = 16_000_000,
-) -> np.ndarray:
-    """The whole slide resized to ``size`` = (w, h), read from the best level.
-
-    Reads a whole level when it has at most ``max_level_px`` pixels; otherwise reads the level
-    in horizontal strips of at most ``max_strip_px`` pixels and block-averages each strip, so
-    memory stays bounded.
-
-    Returns
-    -------
-    ndarray, shape (h, w, 3), uint8
-    """
-    mw, mh = size
-    w0, h0 = slide.dimensions
-    ds = w0 / mw
-    level = slide.best_level_at_or_finer(ds)
-    lw, lh = slide.level_dimensions[level]
-    if lw * lh <= max_level_px:
-        rgb = slide.read_level(level)
-    else:
-        f = max(1, int(ds / slide.level_downsamples[level]))  # level px per block
-        rows_per_strip = max(f, (max_strip_px // max(lw, 1)) // f * f)
-        bw, bh = lw // f, math.ceil(lh / f)
-        rgb = np.empty((bh, max(bw, 1), 3), np.uint8)
-        lds = slide.level_downsamples[level]
-        for y in range(0, lh, rows_per_strip):
-            n = min(rows_per_strip, lh - y)
-            strip = slide.read_region((0, round(y * lds)), level, (bw * f, n))
-            nb = math.ceil(n / f)
-            pad = nb * f - n
-            if pad:
-                strip = np.concatenate([strip, np.full((pad, strip.shape[1], 3), 255, np.uint8)])
-            blocks = strip.reshape(nb, f, bw, f, 3).mean(axis=(1, 3), dtype=np.float32)
-            rgb[y // f : y // f + nb] = np.clip(blocks + 0.5, 0, 255).astype(np.uint8)
-            del strip, blocks
-    if (rgb.shape[1], rgb.shape[0]) != (mw, mh):
-        from PIL import Image
-
-        # Area-averaging (box) reduction: antialiased and much faster than a Gaussian prefilter.
-        rgb = np.asarray(
-            Image.fromarray(np.ascontiguousarray(rgb)).resize((mw, mh), Image.Resampling.BOX)
-        )
-    return rgb
 
 
 def tile_settings(cfg: TileConfig, *, mask: str | None = None) -> dict:
@@ -248,34 +199,76 @@ def tile_slide(slide: Slide, cfg: TileConfig, *, mask_file: str | Path | None = 
 def write_qc_image(slide: Slide, result: dict, path: Path, *, max_px: int) -> None:
     """Thumbnail with the tissue-mask outline (green) and the kept tiles (blue boxes)."""
     from PIL import Image, ImageDraw
-    from skimage.segmentation import find_boundaries
 
-    w0, h0 = slide.dimensions
-    scale = min(1.0, max_px / max(w0, h0))
-    thumb = low_res_image(slide, (max(1, round(w0 * scale)), max(1, round(h0 * scale))))
-    ds = w0 / thumb.shape[1]
+    from .raster import mask_outline
+
+    thumb, ds = slide.thumbnail(max_px)
     img = thumb.copy()
-    m = result["mask"]
-    rows = np.minimum(
-        (np.arange(thumb.shape[0]) + 0.5) * m.shape[0] / thumb.shape[0], m.shape[0] - 1
-    ).astype(int)
-    cols = np.minimum(
-        (np.arange(thumb.shape[1]) + 0.5) * m.shape[1] / thumb.shape[1], m.shape[1] - 1
-    ).astype(int)
-    mask = m[rows][:, cols]
-    edge = find_boundaries(mask, mode="inner")
-    img[edge] = (0, 200, 0)
+    img[mask_outline(result["mask"], thumb.shape[:2])] = (0, 200, 0)
     im = Image.fromarray(img)
     draw = ImageDraw.Draw(im)
     t = result["geometry"].tile_px_level0 / ds
     for x, y in result["coords"]:
         x0, y0 = x / ds, y / ds
         draw.rectangle([x0, y0, x0 + t - 1, y0 + t - 1], outline=(30, 60, 220))
-    tmp = path.with_name(path.name + ".tmp.png")
     # A 256-colour palette keeps the QC image about 3x smaller than RGB and is quick to encode.
     im = im.quantize(256, method=Image.Quantize.FASTOCTREE)
-    im.save(tmp, format="PNG", compress_level=1)
-    tmp.replace(path)
+    with atomic_output(path) as tmp:
+        im.save(tmp, format="PNG", compress_level=1)
+
+
+class TileStage(SlideStage):
+    """``wsimil tile`` for :func:`wsimil.runner.run_slides`: one slide = mask, grid, QC, store."""
+
+    name = "tile"
+    columns = {"n_tiles": 0, "tissue_mm2": 0.0}
+
+    def __init__(self, layout: RunLayout, cfg: TileConfig, *, mask: str | None = None):
+        super().__init__(layout.tiles)
+        self.layout, self.cfg, self.mask = layout, cfg, mask
+        self.hash = config_hash(tile_settings(cfg, mask=mask))
+
+    def outputs(self, row):
+        sid = row["slide_id"]
+        return [self.layout.tile_store(sid), self.layout.tile_qc(sid)]
+
+    def state(self, row):
+        attrs = store_attrs(self.layout.tile_store(row["slide_id"]))
+        if attrs is None:
+            return "missing", {}
+        if attrs.get("config_hash") != self.hash:
+            return "changed", {}
+        return "complete", {"n_tiles": int(attrs.get("n_tiles", 0))}
+
+    def plan(self, row):
+        mask_file = None
+        if self.mask:
+            from .annotations import resolve_mask_path
+
+            mask_file = resolve_mask_path(str(self.mask), row["slide_id"])
+        mpp = mpp_override(row)
+        if mpp is not None and not mpp > 0:
+            raise SlideError(
+                f"{row['path']}: mpp {mpp} in the manifest is not positive; fix the 'mpp' column"
+            )
+        return {"row": row, "mask_file": mask_file, "mpp": mpp}
+
+    def run_one(self, job) -> SlideOutcome:
+        row, cfg = job["row"], self.cfg
+        sid, path = row["slide_id"], row["path"]
+        with open_slide(path, mpp=job["mpp"]) as slide:
+            result = tile_slide(slide, cfg, mask_file=job["mask_file"])
+            write_qc_image(slide, result, self.layout.tile_qc(sid), max_px=cfg.qc_px)
+            _write_tile_store(self.layout.tile_store(sid), slide, result, cfg, self.hash, sid)
+        n = len(result["coords"])
+        px_mm = result["mask_downsample"] * result["geometry"].slide_mpp / 1e3
+        values = {"n_tiles": n, "tissue_mm2": round(float(result["mask"].sum()) * px_mm**2, 3)}
+        if n == 0:
+            why = (
+                "slide smaller than one tile" if result["n_candidates"] == 0 else "no tissue found"
+            )
+            return SlideOutcome("empty", f"{path}: {why}; 0 tiles", values)
+        return SlideOutcome("ok", "", values)
 
 
 def run_tile(
@@ -287,13 +280,10 @@ def run_tile(
     console=None,
     mask: str | None = None,
 ) -> pd.DataFrame:
-    """Tile every slide of ``manifest`` into ``out_dir/tiles``.
+    """Tile every slide of ``manifest`` into ``out_dir/tiles`` (see :mod:`wsimil.runner`).
 
     Slides whose complete store exists with the same settings are skipped; a store made with
-    other settings is an error unless ``overwrite``. A failing slide is logged and the others
-    go on. Each slide is locked (``tiles/.locks/<slide_id>.lock``) while it is worked on, so
-    several workers can run on one cohort at once: a slide locked elsewhere is skipped.
-    Temporary leftovers of killed runs are removed under the lock.
+    other settings is an error unless ``overwrite``. Several workers can share one cohort.
 
     Parameters
     ----------
@@ -303,119 +293,12 @@ def run_tile(
 
     Returns
     -------
-    DataFrame, one row per slide: slide_id, status, n_tiles, tissue_mm2, seconds, message.
+    DataFrame, one row per slide: slide_id, status, message, seconds, n_tiles, tissue_mm2.
     """
-    from .locks import slide_lock
-    from .progress import progress_bar
-
-    missing = [c for c in ("slide_id", "path") if c not in manifest.columns]
-    if missing:
-        raise ValueError(
-            f"manifest lacks column(s) {', '.join(missing)}; it needs slide_id and path"
-        )
-    dups = manifest["slide_id"][manifest["slide_id"].duplicated()].astype(str).unique().tolist()
-    if dups:
-        raise ValueError(
-            f"manifest has duplicate slide_id(s) {', '.join(dups[:5])}; slide_id must be unique"
-        )
-    tiles_dir = Path(out_dir) / "tiles"
-    tiles_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, tiles_dir / "config.yaml")
-    log = StatusLog(tiles_dir / "status.jsonl")
-    chash = config_hash(tile_settings(cfg, mask=mask))
-    rows = []
-    with progress_bar(console, "tile", len(manifest)) as advance:
-        for rec in manifest.itertuples(index=False):
-            sid = str(rec.slide_id)
-            t0 = time.perf_counter()
-            row = {"slide_id": sid, "status": "", "n_tiles": 0, "tissue_mm2": 0.0, "message": ""}
-            logged = True
-            with slide_lock(tiles_dir, sid) as mine:
-                if mine:
-                    logged = _tile_one(
-                        rec, sid, tiles_dir, cfg, chash, row, overwrite=overwrite, mask=mask
-                    )
-                else:
-                    row.update(status="skipped", message="in progress elsewhere")
-            row["seconds"] = round(time.perf_counter() - t0, 3)
-            if logged:
-                log.write(
-                    sid, row["status"], row["message"], row["seconds"], n_tiles=row["n_tiles"]
-                )
-            if row["status"] == "error" and console is not None:
-                console.print(f"[red]error[/red] {row['message']}")
-            rows.append(row)
-            advance()
-    return pd.DataFrame(
-        rows, columns=["slide_id", "status", "n_tiles", "tissue_mm2", "message", "seconds"]
-    )
-
-
-def _tile_one(
-    rec,
-    sid: str,
-    tiles_dir: Path,
-    cfg: TileConfig,
-    chash: str,
-    row: dict,
-    *,
-    overwrite: bool,
-    mask: str | None,
-) -> bool:
-    """Tile one slide while holding its lock; fills ``row``. Returns whether to log the attempt."""
-    from .locks import remove_slide_temps
-
-    store = tiles_dir / f"{sid}.zarr"
-    remove_slide_temps(tiles_dir, store.name)
-    remove_slide_temps(tiles_dir, f"{sid}.qc.png")
-    state = store_status(store, chash)
-    if state == "complete" and not overwrite:
-        row.update(status="skipped", message="complete store exists")
-        return False
-    if state == "changed" and not overwrite:
-        row.update(
-            status="error",
-            message=f"{store}: made with other tile settings; pass --overwrite to redo it or use another output folder",
-        )
-        return True
-    path = getattr(rec, "path", None)
-    try:
-        mask_file = None
-        if mask:
-            from .annotations import resolve_mask_path
-
-            mask_file = resolve_mask_path(str(mask), sid)
-        mpp = mpp_override(rec)
-        if mpp is not None and not mpp > 0:
-            raise SlideError(
-                f"{path}: mpp {mpp} in the manifest is not positive; fix the 'mpp' column"
-            )
-        with open_slide(path, mpp=mpp) as slide:
-            result = tile_slide(slide, cfg, mask_file=mask_file)
-            write_qc_image(slide, result, tiles_dir / f"{sid}.qc.png", max_px=cfg.qc_px)
-            _write_tile_store(store, slide, result, cfg, chash, sid)
-        n = len(result["coords"])
-        area = (
-            float(result["mask"].sum())
-            * (result["mask_downsample"] * result["geometry"].slide_mpp) ** 2
-            / 1e6
-        )
-        if n == 0:
-            why = (
-                "slide smaller than one tile" if result["n_candidates"] == 0 else "no tissue found"
-            )
-            row.update(status="empty", message=f"{path}: {why}; 0 tiles")
-        else:
-            row.update(status="ok")
-        row.update(n_tiles=n, tissue_mm2=round(area, 3))
-    except (SlideError, ValueError) as exc:
-        row.update(
-            status="error",
-            message=str(exc).splitlines()[0] if str(exc) else f"{path}: {type(exc).__name__}",
-        )
-    except Exception as exc:  # one bad slide must not stop the cohort
-        row.update(status="error", message=f"{path}: {type(exc).__name__}: {exc}".splitlines()[0])
-    return True
+    stage = TileStage(RunLayout(out_dir), cfg, mask=mask)
+    stage.folder.path.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, stage.folder.config_file)
+    return run_slides(stage, manifest, overwrite=overwrite, console=console)
 
 
 def _write_tile_store(

@@ -1,9 +1,10 @@
 """``wsimil train``: a MIL head on bags of patch embeddings, with slide labels only.
 
 Reads ``features/<encoder>/<slide_id>.zarr`` for the slides of the manifest, splits them
-(seeded, stratified, by ``case_id`` when given so a patient never straddles train and test),
-trains with Adam and early stopping on the validation loss, and writes ``models/<name>/``:
-``checkpoint.pt`` (everything needed to predict or resume), ``predictions.csv``,
+(seeded, stratified, by ``case_id`` when given so a patient never straddles train and test;
+:mod:`wsimil.cv`), trains with Adam and early stopping on the validation loss (:func:`fit`,
+one bag per step, top to bottom), and writes ``models/<name>/``: ``checkpoint.pt``
+(:mod:`wsimil.checkpoint`: everything needed to predict or resume), ``predictions.csv``,
 ``metrics.csv``, ``history.csv`` and ``config.yaml``.
 """
 
@@ -17,13 +18,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .bags import Bag, BagTensors, load_slide_bags, read_mil_table, read_rows
+from .bags import Bag, BagTensors, Standardiser, load_slide_bags, read_mil_table
+from .checkpoint import load_checkpoint, model_kwargs, save_checkpoint
 from .config import TrainConfig, save_config
-from .cv import Fold, column_split, holdout_split, kfold_splits
+from .cv import METRIC_COLUMNS, Fold, binary_metrics, make_folds, summarise_metrics
+from .layout import RunLayout
 from .mil import create_mil
 
 __all__ = [
     "Bag",
+    "Standardiser",
+    "binary_metrics",
     "load_slide_bags",
     "read_mil_table",
     "fit",
@@ -32,66 +37,6 @@ __all__ = [
     "train_bags",
     "load_checkpoint",
 ]
-
-
-def split_bags(
-    bags: list[Bag], *, test_fraction: float, val_fraction: float, seed: int
-) -> dict[str, str]:
-    """Seeded holdout split (see :func:`wsimil.cv.holdout_split`)."""
-    return holdout_split(bags, test_fraction=test_fraction, val_fraction=val_fraction, seed=seed)
-
-
-def binary_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> dict:
-    """Accuracy, precision, recall, F1 and ROC AUC (NaN when one class is missing)."""
-    from sklearn.metrics import (
-        accuracy_score,
-        f1_score,
-        precision_score,
-        recall_score,
-        roc_auc_score,
-    )
-
-    labels = np.asarray(labels).astype(int)
-    pred = (np.asarray(probs) >= threshold).astype(int)
-    out = {
-        "n": len(labels),
-        "accuracy": accuracy_score(labels, pred) if len(labels) else float("nan"),
-        "precision": precision_score(labels, pred, zero_division=0),
-        "recall": recall_score(labels, pred, zero_division=0),
-        "f1": f1_score(labels, pred, zero_division=0),
-        "auc": roc_auc_score(labels, probs) if len(set(labels.tolist())) == 2 else float("nan"),
-    }
-    return {k: (float(v) if k != "n" else int(v)) for k, v in out.items()}
-
-
-class Standardiser:
-    """Per-feature mean/std from the training bags only."""
-
-    def __init__(self, mean: np.ndarray, std: np.ndarray):
-        self.mean = mean.astype(np.float32)
-        self.std = np.maximum(std, 1e-6).astype(np.float32)
-
-    @classmethod
-    def fit(cls, bags: list[Bag], *, block: int = 65536) -> Standardiser:
-        """Two passes over the bags; bags kept in their stores are read ``block`` rows at a time."""
-
-        def blocks(f):
-            if isinstance(f, np.ndarray):
-                yield f
-            else:
-                for start in range(0, f.shape[0], block):
-                    yield read_rows(f, start, start + block)
-
-        n = sum(b.features.shape[0] for b in bags)
-        mean = sum(x.sum(0, dtype=np.float64) for b in bags for x in blocks(b.features)) / n
-        ss = sum(
-            ((x - mean) ** 2).sum(0, dtype=np.float64) for b in bags for x in blocks(b.features)
-        )
-        return cls(mean, np.sqrt(ss / max(n - 1, 1)))
-
-    def __call__(self, features) -> torch.Tensor:
-        """(N, D) features (array or Zarr array) -> standardised float32 tensor (N, D)."""
-        return torch.from_numpy((read_rows(features) - self.mean) / self.std)
 
 
 def bag_loss(model, x: torch.Tensor, y: float, loss_fn) -> torch.Tensor:
@@ -116,14 +61,26 @@ def build_model(cfg: TrainConfig, in_dim: int) -> torch.nn.Module:
     return create_mil(cfg.model, in_dim, **model_kwargs(cfg))
 
 
-def model_kwargs(cfg: TrainConfig) -> dict:
-    return {
-        "hidden_dim": cfg.hidden_dim,
-        "attention_dim": cfg.attention_dim,
-        "dropout": cfg.dropout,
-        "mlp_dims": cfg.mlp_dims,
-        "instance_encoder": cfg.instance_encoder,
-    }
+def _bag_tensors(train, val, std, memory_budget_gb, console) -> tuple[BagTensors, BagTensors]:
+    """Standardised bags; over-budget cohorts keep what fits and read the rest ahead of use."""
+    per_bag = memory_budget_gb * 2**30 / max(len(train) + len(val), 1)  # budget split by bag count
+    xs_train = BagTensors(train, std, budget_bytes=per_bag * len(train))
+    xs_val = BagTensors(val, std, budget_bytes=per_bag * len(val))
+    streamed = xs_train.n_streamed + xs_val.n_streamed
+    if console is not None and streamed:
+        console.print(
+            f"  {streamed} of {len(train) + len(val)} bags read from their stores at each use"
+        )
+    return xs_train, xs_val
+
+
+def _val_loss(model, xs_val, y_val: np.ndarray, epoch: int) -> float:
+    """Unweighted BCE over the validation bags; without them, a falling number (keep the last)."""
+    if not xs_val:
+        return -float(epoch)
+    probs, _ = predict_bags(model, xs_val)
+    logits = torch.logit(torch.tensor(probs).clamp(1e-6, 1 - 1e-6))
+    return float(torch.nn.BCEWithLogitsLoss()(logits, torch.tensor(y_val)))
 
 
 def fit(
@@ -155,13 +112,7 @@ def fit(
         if cfg.standardise
         else Standardiser(np.zeros(in_dim), np.ones(in_dim))
     )
-    per_bag = memory_budget_gb * 2**30 / max(len(train) + len(val), 1)  # budget split by bag count
-    xs_train = BagTensors(train, std, budget_bytes=per_bag * len(train))
-    xs_val = BagTensors(val, std, budget_bytes=per_bag * len(val))
-    if console is not None and xs_train.n_streamed + xs_val.n_streamed:
-        console.print(
-            f"  {xs_train.n_streamed + xs_val.n_streamed} of {len(train) + len(val)} bags read from their stores at each use"
-        )
+    xs_train, xs_val = _bag_tensors(train, val, std, memory_budget_gb, console)
     y_train = np.array([b.label for b in train], np.float32)
     y_val = np.array([b.label for b in val], np.float32)
 
@@ -173,7 +124,6 @@ def fit(
     n_neg = max(len(y_train) - float(y_train.sum()), 1.0)
     pos_weight = torch.tensor([n_neg / n_pos]) if cfg.balance == "class_weight" else None
     loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
-    eval_loss_fn = torch.nn.BCEWithLogitsLoss()
     p_sample = np.where(y_train > 0, 0.5 / n_pos, 0.5 / n_neg)
     p_sample /= p_sample.sum()
 
@@ -195,23 +145,9 @@ def fit(
             loss.backward()
             optimizer.step()
             total += float(loss.detach())
-        if xs_val:
-            probs, _ = predict_bags(model, xs_val)
-            val_loss = float(
-                eval_loss_fn(
-                    torch.logit(torch.tensor(probs).clamp(1e-6, 1 - 1e-6)), torch.tensor(y_val)
-                )
-            )
-        else:  # no validation bags: keep the last epoch
-            val_loss = -float(epoch)
-        history.append(
-            {
-                "epoch": epoch,
-                "train_loss": total / len(xs_train),
-                "val_loss": val_loss,
-                "seconds": time.perf_counter() - t0,
-            }
-        )
+        val_loss = _val_loss(model, xs_val, y_val, epoch)
+        history.append({"epoch": epoch, "train_loss": total / len(xs_train),
+                        "val_loss": val_loss, "seconds": time.perf_counter() - t0})  # fmt: skip
         if val_loss < best[0] - 1e-4:
             best = (val_loss, copy.deepcopy(model.state_dict()), epoch)
         elif epoch - best[2] >= cfg.patience:
@@ -225,102 +161,52 @@ def fit(
     return model, std, pd.DataFrame(history), best[2]
 
 
-def save_checkpoint(
-    path: Path,
-    model,
-    std: Standardiser,
-    cfg: TrainConfig,
-    *,
-    encoder: str | None,
-    best_epoch: int,
-    split: dict,
-    **extra,
-) -> None:
-    """Write everything needed to predict with, or resume from, a trained model."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(
-        {
-            "model_name": cfg.model,
-            "model_kwargs": model_kwargs(cfg),
-            "in_dim": model.in_dim,
-            "state_dict": model.state_dict(),
-            "feature_mean": std.mean,
-            "feature_std": std.std,
-            "config": cfg.model_dump(),
-            "encoder": encoder,
-            "best_epoch": best_epoch,
-            "split": split,
-            **extra,
-        },
-        tmp,
-    )
-    tmp.replace(path)  # a checkpoint that exists is complete
-
-
-def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, Standardiser, dict]:
-    """Rebuild a trained model from ``checkpoint.pt``; returns (model in eval mode, standardiser, metadata)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no model checkpoint; run `wsimil train` first")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    model = create_mil(ckpt["model_name"], ckpt["in_dim"], **ckpt["model_kwargs"])
-    model.load_state_dict(ckpt["state_dict"])
-    model.eval()
-    return model, Standardiser(ckpt["feature_mean"], ckpt["feature_std"]), ckpt
-
-
-METRIC_COLUMNS = ["accuracy", "precision", "recall", "f1", "auc"]
-
-
-def make_folds(
-    bags: list[Bag], cfg: TrainConfig, *, split_values: dict[str, str] | None = None
-) -> list[Fold]:
-    """The folds of ``cfg.protocol``: one holdout split, one fixed column split, or repeats x k folds."""
-    if cfg.protocol == "cv":
-        return kfold_splits(
-            bags,
-            n_folds=cfg.n_folds,
-            n_repeats=cfg.n_repeats,
-            val_fraction=cfg.val_fraction,
-            seed=cfg.seed,
-        )
-    if cfg.protocol == "split_column":
-        if split_values is None:
-            raise ValueError(
-                f"protocol split_column needs a {cfg.split_column!r} column in the manifest"
-            )
-        return [Fold(0, 0, column_split(bags, split_values))]
-    if len(bags) < 4:
-        raise ValueError(f"only {len(bags)} bags; need at least 4 to split train/val/test")
-    return [
-        Fold(
-            0,
-            0,
-            holdout_split(
-                bags, test_fraction=cfg.test_fraction, val_fraction=cfg.val_fraction, seed=cfg.seed
-            ),
-        )
-    ]
-
-
-def summarise_metrics(per_fold: pd.DataFrame) -> pd.DataFrame:
-    """Mean and std over folds of the paper's columns; one row ``mean`` and one ``std``."""
-    cols = [c for c in METRIC_COLUMNS if c in per_fold]
-    return pd.DataFrame(
-        {
-            "stat": ["mean", "std"],
-            **{c: [per_fold[c].mean(), per_fold[c].std(ddof=0)] for c in cols},
-        }
-    )
-
-
 def _same_run(saved: dict, current: dict) -> bool:
     """Whether a fold checkpoint was trained with these settings (more repeats reuse the folds done)."""
     return {k: v for k, v in saved.items() if k != "n_repeats"} == {
         k: v for k, v in current.items() if k != "n_repeats"
     }
+
+
+def _fold_model(fold: Fold, bags, model_dir: Path, cfg: TrainConfig, *, encoder, budget, console):
+    """The fold's model: resumed from its checkpoint when trained with these settings, else fitted.
+
+    Returns
+    -------
+    model, standardiser, history (None when resumed), best_epoch, resumed
+    """
+    fold_dir = model_dir / "folds" / f"r{fold.repeat}_f{fold.fold}"
+    ckpt_path = fold_dir / "checkpoint.pt"
+    if ckpt_path.is_file():
+        model, std, meta = load_checkpoint(ckpt_path)
+        if _same_run(meta["config"], cfg.model_dump()) and meta["split"] == fold.split:
+            return model, std, None, meta["best_epoch"], True
+    train = [b for b in bags if fold.split[b.bag_id] == "train"]
+    val = [b for b in bags if fold.split[b.bag_id] == "val"]
+    model, std, history, best_epoch = fit(
+        train, val, cfg, seed=cfg.seed + 7919 * fold.repeat + 101 * fold.fold,
+        memory_budget_gb=budget, console=console,
+    )  # fmt: skip
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    history.to_csv(fold_dir / "history.csv", index=False)
+    save_checkpoint(
+        ckpt_path, model, std, cfg, encoder=encoder, best_epoch=best_epoch, split=fold.split,
+        repeat=fold.repeat, fold=fold.fold,
+    )  # fmt: skip
+    return model, std, history, best_epoch, False
+
+
+def _predict_fold(model, std, fold: Fold, shown: list[Bag]) -> tuple[list[dict], dict]:
+    """Prediction rows of ``shown`` bags and the fold's test metrics."""
+    probs, _ = predict_bags(model, BagTensors(shown, std, budget_bytes=0))
+    rows = [
+        {"slide_id": b.bag_id, "repeat": fold.repeat, "fold": fold.fold,
+         "split": fold.split[b.bag_id], "probability": float(p), "prediction": int(p >= 0.5),
+         "label": b.label}
+        for b, p in zip(shown, probs, strict=True)
+    ]  # fmt: skip
+    test = [(r["label"], r["probability"]) for r in rows if r["split"] == "test"]
+    return rows, binary_metrics(np.array([t[0] for t in test]), np.array([t[1] for t in test]))
 
 
 def train_bags(
@@ -355,56 +241,12 @@ def train_bags(
     folds = make_folds(bags, cfg, split_values=split_values)
     pred_rows, fold_metrics = [], []
     for f in folds:
-        fold_dir = model_dir / "folds" / f"r{f.repeat}_f{f.fold}"
-        ckpt_path = fold_dir / "checkpoint.pt"
-        train = [b for b in bags if f.split[b.bag_id] == "train"]
-        val = [b for b in bags if f.split[b.bag_id] == "val"]
-        resumed = False
-        if ckpt_path.is_file():
-            model, std, meta = load_checkpoint(ckpt_path)
-            resumed = _same_run(meta["config"], cfg.model_dump()) and meta["split"] == f.split
-        if not resumed:
-            model, std, history, best_epoch = fit(
-                train,
-                val,
-                cfg,
-                seed=cfg.seed + 7919 * f.repeat + 101 * f.fold,
-                memory_budget_gb=memory_budget_gb,
-                console=console,
-            )
-            fold_dir.mkdir(parents=True, exist_ok=True)
-            history.to_csv(fold_dir / "history.csv", index=False)
-            save_checkpoint(
-                ckpt_path,
-                model,
-                std,
-                cfg,
-                encoder=encoder,
-                best_epoch=best_epoch,
-                split=f.split,
-                repeat=f.repeat,
-                fold=f.fold,
-            )
-        else:
-            best_epoch = meta["best_epoch"]
+        model, std, history, best_epoch, resumed = _fold_model(
+            f, bags, model_dir, cfg, encoder=encoder, budget=memory_budget_gb, console=console
+        )
         shown = bags if len(folds) == 1 else [b for b in bags if f.split[b.bag_id] == "test"]
-        probs, _ = predict_bags(model, BagTensors(shown, std, budget_bytes=0))
-        for b, p in zip(shown, probs, strict=True):
-            pred_rows.append(
-                {
-                    "slide_id": b.bag_id,
-                    "repeat": f.repeat,
-                    "fold": f.fold,
-                    "split": f.split[b.bag_id],
-                    "probability": float(p),
-                    "prediction": int(p >= 0.5),
-                    "label": b.label,
-                }
-            )
-        test = [
-            (b.label, p) for b, p in zip(shown, probs, strict=True) if f.split[b.bag_id] == "test"
-        ]
-        m = binary_metrics(np.array([t[0] for t in test]), np.array([t[1] for t in test]))
+        rows, m = _predict_fold(model, std, f, shown)
+        pred_rows += rows
         fold_metrics.append(
             {"repeat": f.repeat, "fold": f.fold, **m, "best_epoch": best_epoch, "resumed": resumed}
         )
@@ -414,15 +256,10 @@ def train_bags(
             )
         if len(folds) == 1:
             save_checkpoint(
-                model_dir / "checkpoint.pt",
-                model,
-                std,
-                cfg,
-                encoder=encoder,
-                best_epoch=best_epoch,
-                split=f.split,
-            )
-            pd.DataFrame(history if not resumed else []).to_csv(
+                model_dir / "checkpoint.pt", model, std, cfg, encoder=encoder,
+                best_epoch=best_epoch, split=f.split,
+            )  # fmt: skip
+            pd.DataFrame(history if history is not None else []).to_csv(
                 model_dir / "history.csv", index=False
             )
     pd.DataFrame(pred_rows).to_csv(model_dir / "predictions.csv", index=False)
@@ -457,14 +294,12 @@ def run_train(
     -------
     dict of test metrics (and ``model_dir``, ``skipped``).
     """
-    from .embed import encoder_dir_name
-
-    out_dir = Path(out_dir)
+    layout = RunLayout(out_dir)
     if cfg.label_column not in manifest.columns:
         raise ValueError(f"manifest has no label column {cfg.label_column!r}")
     bags, skipped = load_slide_bags(
         manifest,
-        out_dir / "features" / encoder_dir_name(encoder),
+        lambda sid: layout.feature_store(encoder, sid),
         label_column=cfg.label_column,
         memory_budget_gb=memory_budget_gb,
         console=console,
@@ -476,7 +311,7 @@ def run_train(
         )
     res = train_bags(
         bags,
-        out_dir / "models" / cfg.name,
+        layout.model_dir(cfg.name),
         cfg,
         encoder=encoder,
         split_values=split_values,

@@ -1,0 +1,165 @@
+"""Small raster operations shared by the tile QC image, the heatmap overlays and the exports.
+
+Plain functions on arrays: painting per-tile values onto a grid, smoothing, resizing masks
+and drawing their outlines, and the colour table of a colormap. Nothing here reads slides or
+writes files.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def colour_lut(cmap: str) -> np.ndarray:
+    """The colormap as a (256, 3) uint8 table (rounded to the nearest value)."""
+    import matplotlib
+
+    return (matplotlib.colormaps[cmap](np.linspace(0, 1, 256))[:, :3] * 255 + 0.5).astype(np.uint8)
+
+
+def paint_tiles(
+    values: np.ndarray,
+    coords: np.ndarray,
+    *,
+    tile_px_level0: int,
+    downsample: float,
+    shape: tuple[int, int],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Average tile values per pixel of an image at ``downsample`` level-0 px per pixel.
+
+    Parameters
+    ----------
+    values : ndarray, shape (N,)
+    coords : ndarray, shape (N, 2)
+        Level-0 (x, y) of each tile's top-left corner.
+    shape : (h, w)
+        Output image shape.
+
+    Returns
+    -------
+    mean : ndarray, shape (h, w), float32
+        Mean of the values of the tiles covering each pixel (0 where none).
+    covered : ndarray, shape (h, w), bool
+    """
+    h, w = shape
+    acc = np.zeros((h + 1, w + 1), np.float64)
+    cnt = np.zeros((h + 1, w + 1), np.float64)
+    coords = np.asarray(coords)
+    x0 = np.clip(np.floor(coords[:, 0] / downsample).astype(np.int64), 0, w)
+    y0 = np.clip(np.floor(coords[:, 1] / downsample).astype(np.int64), 0, h)
+    x1 = np.clip(np.ceil((coords[:, 0] + tile_px_level0) / downsample).astype(np.int64), 0, w)
+    y1 = np.clip(np.ceil((coords[:, 1] + tile_px_level0) / downsample).astype(np.int64), 0, h)
+    # 2-D difference arrays: +v at (y0, x0), -v at (y0, x1) and (y1, x0), +v at (y1, x1).
+    for arr, v in ((acc, np.asarray(values, np.float64)), (cnt, np.ones(len(values)))):
+        np.add.at(arr, (y0, x0), v)
+        np.add.at(arr, (y0, x1), -v)
+        np.add.at(arr, (y1, x0), -v)
+        np.add.at(arr, (y1, x1), v)
+    acc = acc.cumsum(0).cumsum(1)[:h, :w]
+    cnt = np.rint(cnt.cumsum(0).cumsum(1)[:h, :w])
+    covered = cnt > 0
+    mean = np.zeros((h, w), np.float32)
+    mean[covered] = acc[covered] / cnt[covered]
+    return mean, covered
+
+
+def smooth_heat(heat: np.ndarray, covered: np.ndarray, *, sigma_px: float) -> np.ndarray:
+    """Gaussian smoothing of ``heat`` normalised by the smoothed coverage (no bleed into background).
+
+    Parameters
+    ----------
+    heat, covered : ndarray, shape (h, w)
+    sigma_px : float
+        Gaussian sigma in pixels of ``heat``; 0 returns ``heat`` unchanged.
+
+    Returns
+    -------
+    ndarray, shape (h, w), float32; values only meaningful where ``covered``.
+    """
+    if sigma_px <= 0:
+        return heat
+    from scipy.ndimage import gaussian_filter
+
+    c = covered.astype(np.float32)
+    num = gaussian_filter(heat.astype(np.float32) * c, sigma_px, mode="constant")
+    den = gaussian_filter(c, sigma_px, mode="constant")
+    out = np.zeros_like(heat, dtype=np.float32)
+    ok = den > 1e-6
+    out[ok] = num[ok] / den[ok]
+    return out
+
+
+def resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of a 2-D mask to ``shape`` = (h, w), sampling pixel centres.
+
+    Returns
+    -------
+    ndarray, shape (h, w), same dtype as ``mask``
+    """
+    h, w = shape
+    rows = np.minimum((np.arange(h) + 0.5) * mask.shape[0] / h, mask.shape[0] - 1).astype(int)
+    cols = np.minimum((np.arange(w) + 0.5) * mask.shape[1] / w, mask.shape[1] - 1).astype(int)
+    return mask[rows][:, cols]
+
+
+def mask_outline(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Boundary pixels of a mask resized (nearest) to ``shape`` = (h, w), bool.
+
+    A pixel is on the boundary when it is in the mask and a 4-neighbour is not (the image edge
+    counts as outside).
+    """
+    from scipy.ndimage import binary_erosion
+
+    m = resize_mask(mask, shape) > 0
+    return m & ~binary_erosion(m, iterations=1, border_value=0)
+
+
+def render_overlay(
+    thumb: np.ndarray,
+    heat: np.ndarray,
+    covered: np.ndarray,
+    *,
+    cmap: str,
+    alpha: float,
+    title: str = "",
+    outline: np.ndarray | None = None,
+) -> np.ndarray:
+    """Blend ``heat`` (values in [0, 1]) over ``thumb`` and add a colour bar on the right.
+
+    ``outline`` (h, w) bool marks tissue-boundary pixels, drawn in dark blue-grey on top.
+
+    Returns
+    -------
+    ndarray, shape (h, w + bar, 3), uint8
+    """
+    lut = colour_lut(cmap).astype(np.float32)
+    colour = lut[np.clip((heat * 255).round().astype(np.int64), 0, 255)]
+    out = thumb.astype(np.float32)
+    # Opacity grows with the value, so low-attention tissue stays readable underneath.
+    a = (alpha * (0.25 + 0.75 * np.clip(heat, 0, 1)))[covered][:, None]
+    out[covered] = (1 - a) * out[covered] + a * colour[covered]
+    img = np.clip(out + 0.5, 0, 255).astype(np.uint8)
+    if outline is not None:
+        img[outline] = (40, 40, 90)
+    return _add_colour_bar(img, lut, title=title)
+
+
+def _add_colour_bar(img: np.ndarray, lut: np.ndarray, *, title: str) -> np.ndarray:
+    from PIL import Image, ImageDraw
+
+    h, w = img.shape[:2]
+    bar_w, pad = 90, 12
+    canvas = np.full((h, w + bar_w, 3), 255, np.uint8)
+    canvas[:, :w] = img
+    top = min(40, h // 5)
+    bottom = max(top + 1, h - top)
+    ramp = lut[np.linspace(255, 0, bottom - top).astype(int)].astype(np.uint8)
+    canvas[top:bottom, w + pad : w + pad + 20] = ramp[:, None, :]
+    im = Image.fromarray(canvas)
+    d = ImageDraw.Draw(im)
+    d.text((w + pad, top - 14), "1.0 high", fill=(0, 0, 0))
+    d.text((w + pad, bottom + 2), "0.0 low", fill=(0, 0, 0))
+    d.text((w + pad, 4), "attention", fill=(0, 0, 0))
+    if title:
+        d.text((6, 4), title, fill=(0, 0, 0))
+    return np.asarray(im)

@@ -1,0 +1,117 @@
+"""``wsimil report``: the cohort outputs of a heatmap run, assembled from its per-slide records.
+
+Per-slide heatmap jobs write only their own folder (``heatmaps/<model>/slides/<slide_id>/``
+with ``slide.json``); this one step reads those records for every slide of the manifest and
+writes, atomically:
+
+- ``predictions.csv``: slide_id, probability, prediction, label of every scored slide;
+- ``summary.json``: slides per status, and accuracy and ROC AUC over the labelled slides;
+- ``index.html``: the review page listing every slide, failures with their reason.
+
+It runs at the end of ``wsimil heatmap`` over a whole manifest, and as the final rule of the
+workflow after per-slide jobs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .layout import RunLayout
+from .store import StatusLog, write_text_atomic
+
+PREDICTION_COLUMNS = ["slide_id", "probability", "prediction", "label"]
+
+
+def slide_records(layout: RunLayout, model_name: str, slide_ids: list[str]) -> list[dict]:
+    """The record of each slide; for a slide without one, its last status line or 'not run'."""
+    last: dict[str, dict] = {}
+    for line in StatusLog(layout.heatmaps(model_name).status_file).read():
+        if line.get("status") in ("error", "ok", "empty"):
+            last[str(line.get("slide_id"))] = line
+    records = []
+    for sid in slide_ids:
+        files = layout.heatmap_slide(model_name, sid)
+        try:
+            records.append(json.loads(files.record.read_text(encoding="utf-8")))
+            continue
+        except (OSError, ValueError):
+            pass
+        line = last.get(sid)
+        if line is not None and line.get("status") == "error":
+            records.append({"slide_id": sid, "status": "error", "message": line.get("message")})
+        else:
+            records.append(
+                {"slide_id": sid, "status": "missing",
+                 "message": f"{sid}: no heatmap yet; run `wsimil heatmap --model {model_name}`"}
+            )  # fmt: skip
+    return records
+
+
+def cohort_summary(records: list[dict], *, model_name: str) -> dict:
+    """Slides per status; accuracy and ROC AUC of the scored slides with a 0/1 label."""
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    scored = [r for r in records if r["status"] == "ok"]
+    labelled = [r for r in scored if _binary(r.get("label")) is not None]
+    out = {
+        "model": model_name,
+        "n_slides": len(records),
+        "status": counts,
+        "n_scored": len(scored),
+        "n_labelled": len(labelled),
+        "accuracy": None,
+        "auc": None,
+    }
+    if labelled:
+        y = np.array([_binary(r["label"]) for r in labelled])
+        p = np.array([float(r["probability"]) for r in labelled])
+        out["accuracy"] = float(((p >= 0.5).astype(int) == y).mean())
+        if len(set(y.tolist())) == 2:
+            from sklearn.metrics import roc_auc_score
+
+            out["auc"] = float(roc_auc_score(y, p))
+    return out
+
+
+def _binary(label) -> int | None:
+    try:
+        v = float(label)
+    except (TypeError, ValueError):
+        return None
+    return int(v) if v in (0.0, 1.0) else None
+
+
+def write_report(
+    layout: RunLayout,
+    model_name: str,
+    manifest: pd.DataFrame,
+    *,
+    review_page: bool = True,
+) -> dict:
+    """Write ``predictions.csv``, ``summary.json`` and (``review_page``) ``index.html``.
+
+    Returns
+    -------
+    dict: the cohort summary (see :func:`cohort_summary`) and ``files`` written.
+    """
+    folder = layout.heatmaps(model_name).path
+    folder.mkdir(parents=True, exist_ok=True)
+    records = slide_records(layout, model_name, [str(s) for s in manifest["slide_id"]])
+    ok = [r for r in records if r["status"] == "ok"]
+    table = pd.DataFrame([{c: r.get(c) for c in PREDICTION_COLUMNS} for r in ok],
+                         columns=PREDICTION_COLUMNS)  # fmt: skip
+    predictions = layout.predictions(model_name)
+    write_text_atomic(predictions, table.to_csv(index=False))
+    summary = cohort_summary(records, model_name=model_name)
+    write_text_atomic(layout.cohort_summary(model_name), json.dumps(summary, indent=1) + "\n")
+    files = [predictions, layout.cohort_summary(model_name)]
+    if review_page:
+        from .review import write_index
+
+        files.append(write_index(folder, records, model_name=model_name))
+    return {**summary, "files": [str(Path(f)) for f in files]}

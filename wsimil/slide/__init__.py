@@ -1,0 +1,99 @@
+"""Reading whole-slide images: one :func:`open_slide` that picks a reader.
+
+Coordinates are level-0 pixels ``(x, y)``; sizes are ``(width, height)``; pixel arrays are
+``(H, W, 3)`` uint8 RGB. Transparent or blank areas read as white background.
+
+Readers
+-------
+- :class:`OpenSlideReader` for everything OpenSlide opens (SVS, NDPI, MRXS, SCN, BIF, VMS,
+  generic tiled TIFF, DICOM folders).
+- :class:`TiffReader` (tifffile) for TIFF layouts OpenSlide refuses (OME pyramids in SubIFDs,
+  plain tiled or stripped TIFF).
+- :class:`ImageReader` (Pillow) for small PNG/JPEG images.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from .base import Slide, SlideError, SlideInfo
+from .image_reader import ImageReader
+from .openslide_reader import OpenSlideReader
+from .tiff_reader import TiffReader
+
+__all__ = [
+    "ImageReader",
+    "OpenSlideReader",
+    "Slide",
+    "SlideError",
+    "SlideInfo",
+    "TiffReader",
+    "open_slide",
+]
+
+TIFF_SUFFIXES = {".tif", ".tiff", ".ome.tif", ".ome.tiff", ".btf"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+def open_slide(path: str | Path, *, mpp: float | None = None) -> Slide:
+    """Open a slide with the best reader for it.
+
+    Parameters
+    ----------
+    path : str or Path
+        Slide file (or DICOM folder).
+    mpp : float, optional
+        Microns per level-0 pixel; overrides the slide's metadata (e.g. from the manifest).
+
+    Raises
+    ------
+    SlideError
+        One line naming the file and the reason when no reader can open it.
+    """
+    import openslide
+
+    path = Path(path)
+    if not path.exists():
+        raise SlideError(f"{path}: file not found; fix the path in the manifest")
+    if path.is_file() and path.stat().st_size == 0:
+        raise SlideError(f"{path}: file is empty (0 bytes); re-copy the slide")
+    suffix = "".join(path.suffixes[-2:]).lower() if path.suffixes else ""
+    last = path.suffix.lower()
+    slide: Slide | None = None
+    reasons = []
+    if last in IMAGE_SUFFIXES:
+        try:
+            slide = ImageReader(path)
+        except SlideError:
+            raise
+        except Exception as exc:
+            raise SlideError(f"{path}: cannot open as an image: {exc}") from exc
+    else:
+        try:
+            slide = OpenSlideReader(path)
+        except (openslide.OpenSlideUnsupportedFormatError, openslide.OpenSlideError) as exc:
+            reasons.append(f"OpenSlide: {str(exc) or type(exc).__name__}")
+        is_tiff = last in TIFF_SUFFIXES or suffix in TIFF_SUFFIXES
+        if slide is not None and is_tiff and slide.level_count == 1:
+            # OpenSlide reads an OME pyramid in SubIFDs as one level: prefer tifffile's pyramid.
+            try:
+                alt = TiffReader(path)
+            except Exception:
+                alt = None
+            if alt is not None and alt.level_count > 1:
+                slide.close()
+                slide = alt
+            elif alt is not None:
+                alt.close()
+        if slide is None and is_tiff:
+            try:
+                slide = TiffReader(path)
+            except Exception as exc:
+                reasons.append(f"tifffile: {exc}")
+    if slide is None:
+        why = "; ".join(reasons) or "unsupported file type"
+        raise SlideError(f"{path}: cannot open slide ({why})")
+    if mpp is not None and not (isinstance(mpp, float) and math.isnan(mpp)):
+        slide.mpp = float(mpp)
+    return slide
