@@ -142,7 +142,12 @@ class _Run:
              "seconds": seconds, **values}
         )  # fmt: skip
         if outcome.status == "error" and self.console is not None:
-            self.console.print(f"[red]error[/red] {outcome.message}", highlight=False)
+            from rich.markup import escape
+
+            # One line, as written: no markup from the message, no wrapping at the console width.
+            self.console.print(
+                f"[red]error[/red] {escape(outcome.message)}", highlight=False, soft_wrap=True
+            )
         self.advance()
 
     def claim(self, row: dict) -> _Claim | SlideOutcome:
