@@ -121,11 +121,32 @@ START=$(date +%s)
 (cd "$STATE" && "$VENV/bin/snakemake" -s "$REPO/pipelines/Snakefile" --profile "$REPO/pipelines/profiles/slurm" \
   --default-resources slurm_partition=debug --set-resources embed:slurm_partition=debug train:slurm_partition=debug --jobs 8 \
   --group-components embed=3 --cores "$NCPU" --resources "mem_mb=$MEM_MB" \
-  --config run_dir="$RUN" wsimil_config="$REPO/configs/demo.yaml" wsimil="$VENV/bin/wsimil" python="$VENV/bin/python" \
+  --config run_dir="$RUN" wsimil_config="$REPO/configs/demo.yaml" wsimil="$VENV/bin/wsimil" \
     embed_device=cpu "train_args=--epochs 5" \
     "resources={tile: {threads: 1, mem_mb: 1000, runtime: 30, gpus: 0}, embed: {threads: 1, mem_mb: 2000, runtime: 30, gpus: 0}, train: {threads: 1, mem_mb: 2000, runtime: 30, gpus: 0}, heatmap: {threads: 1, mem_mb: 1000, runtime: 30, gpus: 0}}")
 echo "workflow through Slurm: $(( $(date +%s) - START )) s"
-ls "$RUN"/heatmaps/gated_attention/*.png
+# The same cohort outputs the workflow test checks: every per-slide export, and cohort files
+# covering every slide.
+"$VENV/bin/python" - "$RUN" "$N_SLIDES" <<'PY'
+import json, sys
+from pathlib import Path
+import pandas as pd
+run, n = Path(sys.argv[1]), int(sys.argv[2])
+ids = pd.read_csv(run / "manifest.csv").slide_id.tolist()
+hm = run / "heatmaps" / "gated_attention"
+for sid in ids:
+    d = hm / "slides" / sid
+    for f in (f"{sid}.png", f"{sid}.csv", f"{sid}.geojson", f"{sid}.heatmap.tiff", f"{sid}.html"):
+        assert (d / f).stat().st_size > 0, d / f
+    assert list((d / "top").glob("*.jpg")), d / "top"
+    assert (run / "tiles" / f"{sid}.qc.png").is_file()
+pred = pd.read_csv(hm / "predictions.csv")
+assert len(ids) == n and sorted(pred.slide_id) == sorted(ids), pred.slide_id.tolist()
+index = (hm / "index.html").read_text()
+assert all(f'href="slides/{sid}/{sid}.html"' in index for sid in ids)
+print(f"cohort outputs: {len(pred)} predictions, index links {len(ids)} slides,",
+      json.loads((hm / "summary.json").read_text())["status"])
+PY
 
 echo "--- sacct"
 sacct -X -S "$(date -d @"$START" +%Y-%m-%dT%H:%M:%S)" -o JobID,JobName%24,Partition,AllocCPUS,ReqMem,State,ExitCode,Elapsed | tee "$STATE/sacct.txt"
