@@ -144,6 +144,16 @@ def test_corrupt_tile_fails_that_slide_only_and_leaves_no_store(tmp_path):
     assert not [p for p in feat_dir.iterdir() if ".tmp-" in p.name]
 
 
+def _embed_cmd(run, out, *extra):
+    """`wsimil embed` into a new run folder ``out`` that shares ``run``'s tiles."""
+    out.mkdir()
+    os.symlink(run / "tiles", out / "tiles")
+    return [
+        sys.executable, "-m", "wsimil.cli", "embed", str(out), "--manifest",
+        str(run / "manifest.csv"), "--encoder", "efficientnet_lite0", "--num-workers", "0", *extra,
+    ]  # fmt: skip
+
+
 def test_killed_run_resumes_and_gives_the_same_features(cohort, tmp_path):
     run, df = cohort
     ref = tmp_path / "ref"
@@ -152,23 +162,7 @@ def test_killed_run_resumes_and_gives_the_same_features(cohort, tmp_path):
     run_embed(df, ref, EmbedConfig(encoder="efficientnet_lite0", num_workers=0, batch_size=16))
 
     out = tmp_path / "killed"
-    out.mkdir()
-    os.symlink(run / "tiles", out / "tiles")
-    cmd = [
-        sys.executable,
-        "-m",
-        "wsimil.cli",
-        "embed",
-        str(out),
-        "--manifest",
-        str(run / "manifest.csv"),
-        "--encoder",
-        "efficientnet_lite0",
-        "--batch-size",
-        "16",
-        "--num-workers",
-        "0",
-    ]
+    cmd = _embed_cmd(run, out, "--batch-size", "16")
     proc = subprocess.Popen(
         cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
@@ -226,12 +220,7 @@ def done_before_ids(names):
 def test_two_concurrent_embeds_do_each_slide_once(cohort, tmp_path):
     run, df = cohort
     out = tmp_path / "two"
-    out.mkdir()
-    os.symlink(run / "tiles", out / "tiles")
-    cmd = [
-        sys.executable, "-m", "wsimil.cli", "embed", str(out), "--manifest",
-        str(run / "manifest.csv"), "--encoder", "efficientnet_lite0", "--num-workers", "0",
-    ]  # fmt: skip
+    cmd = _embed_cmd(run, out)
     procs = [subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     for p in procs:
         _, err = p.communicate(timeout=600)
@@ -246,23 +235,7 @@ def test_two_concurrent_embeds_do_each_slide_once(cohort, tmp_path):
 def test_devices_run_one_process_each_and_share_the_cohort(cohort, tmp_path):
     run, df = cohort
     out = tmp_path / "multi"
-    out.mkdir()
-    os.symlink(run / "tiles", out / "tiles")
-    cmd = [
-        sys.executable,
-        "-m",
-        "wsimil.cli",
-        "embed",
-        str(out),
-        "--manifest",
-        str(run / "manifest.csv"),
-        "--encoder",
-        "efficientnet_lite0",
-        "--num-workers",
-        "0",
-        "--devices",
-        "cpu,cpu",
-    ]
+    cmd = _embed_cmd(run, out, "--devices", "cpu,cpu")
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     lines = [

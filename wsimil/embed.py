@@ -129,6 +129,7 @@ class EmbedStage(SlideStage):
 
     name = "embed"
     columns = {"n_tiles": 0}
+    changed = "other tiles or encoder settings"
 
     def __init__(self, layout: RunLayout, cfg: EmbedConfig, encoder, device: str):
         super().__init__(layout.features(cfg.encoder))
@@ -149,12 +150,6 @@ class EmbedStage(SlideStage):
             return "missing", {}
         state = store_status(self.outputs(row)[0], self._hash(tattrs))
         return state, ({"n_tiles": int(tattrs["n_tiles"])} if state == "complete" else {})
-
-    def changed_message(self, row):
-        return (
-            f"{self.outputs(row)[0]}: made from other tiles or encoder settings; "
-            "pass --overwrite to redo it"
-        )
 
     def plan(self, row) -> SlideJob:
         sid = row["slide_id"]
@@ -216,10 +211,8 @@ class EmbedStage(SlideStage):
                 if j in failed:
                     continue
                 outcome = self._take_batch(jobs[j], item, open_stores.get(j))
-                if isinstance(outcome, tuple):
+                if isinstance(outcome, tuple):  # the slide goes on: its open store
                     open_stores[j] = outcome
-                    continue
-                if outcome is None:
                     continue
                 current = open_stores.pop(j, None)
                 if outcome.status == "error":

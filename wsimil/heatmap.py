@@ -32,9 +32,10 @@ from .export import export_slide
 from .layout import HeatmapFiles, RunLayout
 from .manifest import mpp_override
 from .raster import render_overlay
+from .review import write_slide_page
 from .runner import SlideOutcome, SlideStage, run_slides
 from .slide import SlideError, open_slide
-from .store import Pending, config_hash, open_store, store_attrs
+from .store import atomic_output, config_hash, file_sha256, open_store, store_attrs
 
 
 def minmax(values: np.ndarray) -> np.ndarray:
@@ -97,17 +98,12 @@ def _label(value):
     return value
 
 
-def _file_sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-
-
 class HeatmapStage(SlideStage):
     """``wsimil heatmap`` for :func:`wsimil.runner.run_slides`: one slide = one output folder."""
 
     name = "heatmap"
     columns = {"probability": np.nan, "prediction": -1, "label": None}
+    changed = "other heatmap settings, model or features"
 
     def __init__(self, layout: RunLayout, cfg: HeatmapConfig, model_name: str):
         from .train import load_checkpoint
@@ -125,7 +121,7 @@ class HeatmapStage(SlideStage):
         self.settings = {
             "stage": "heatmap",
             **cfg.model_dump(exclude={"review_page"}),
-            "model_sha256": _file_sha256(ckpt),
+            "model_sha256": file_sha256(ckpt)[:16],
         }
 
     def outputs(self, row):
@@ -149,12 +145,6 @@ class HeatmapStage(SlideStage):
         if record.get("config_hash") != self._hash(fattrs):
             return "changed", {}
         return "complete", {k: record.get(k) for k in self.columns}
-
-    def changed_message(self, row):
-        return (
-            f"{self.outputs(row)[0]}: made with other heatmap settings, model or features; "
-            "pass --overwrite to redo it"
-        )
 
     def plan(self, row) -> dict:
         sid = row["slide_id"]
@@ -185,23 +175,16 @@ class HeatmapStage(SlideStage):
         g = open_store(job["store"])
         feats = np.asarray(g["features"][...], dtype=np.float32)
         files = self.layout.heatmap_slide(self.model_name, sid)
-        pending = Pending(files.folder, folder=True)
-        try:
-            out = files.under(pending.path)
+        with atomic_output(files.folder, folder=True) as partial:
+            out = files.under(partial)
             if len(feats) == 0:
                 record = self._empty_slide(row, out, label)
             else:
                 coords = np.asarray(g["coords"][...])
                 record = self._scored_slide(row, out, label, feats, coords, attrs["tiles"])
             record.update(config_hash=self._hash(attrs), model=self.model_name)
-            from .review import write_slide_page
-
             write_slide_page(out, record)
             out.record.write_text(json.dumps(record, indent=1, default=str), encoding="utf-8")
-        except BaseException:
-            pending.abort()
-            raise
-        pending.commit()
         values = {k: record.get(k) for k in self.columns}
         return SlideOutcome(record["status"], record["message"], values)
 

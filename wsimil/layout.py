@@ -24,37 +24,32 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SLIDE_ID_MAX_LEN = 128
-_SLIDE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 
 
-def check_slide_id(slide_id: str) -> str:
-    """Return ``slide_id`` if it is safe as a file name, else raise ValueError naming it.
+def check_name(name: str, *, what: str) -> str:
+    """Return ``name`` if it is safe as one path component, else raise ValueError naming it.
 
     Allowed: letters, digits, ``.``, ``_`` and ``-``, not starting with ``.`` or ``-`` (so no
     ``.``/``..``, hidden names or option-like names), at most :data:`SLIDE_ID_MAX_LEN` long.
+    The rule of slide ids, model names and encoder folders.
     """
-    if not isinstance(slide_id, str) or not slide_id:
-        raise ValueError(f"slide_id {slide_id!r}: empty; every row needs a slide_id")
-    if len(slide_id) > SLIDE_ID_MAX_LEN:
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{what} {name!r}: empty; give every {what} a value")
+    if len(name) > SLIDE_ID_MAX_LEN:
         raise ValueError(
-            f"slide_id {slide_id[:40]!r}...: {len(slide_id)} characters; at most {SLIDE_ID_MAX_LEN}"
+            f"{what} {name[:40]!r}...: {len(name)} characters; at most {SLIDE_ID_MAX_LEN}"
         )
-    if not _SLIDE_ID.fullmatch(slide_id):
-        raise ValueError(
-            f"slide_id {slide_id!r}: use only letters, digits, '.', '_' and '-' "
-            "(not first: '.' or '-')"
-        )
-    return slide_id
-
-
-def check_name(name: str, *, what: str) -> str:
-    """A model or folder name that stays one path component (same characters as slide ids)."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name) or len(name) > SLIDE_ID_MAX_LEN:
+    if not _NAME.fullmatch(name):
         raise ValueError(
             f"{what} {name!r}: use only letters, digits, '.', '_' and '-' (not first: '.' or '-')"
         )
     return name
+
+
+def check_slide_id(slide_id: str) -> str:
+    """Return ``slide_id`` if it is safe as a file name (:func:`check_name`)."""
+    return check_name(slide_id, what="slide_id")
 
 
 def encoder_dir_name(encoder: str) -> str:

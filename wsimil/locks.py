@@ -47,10 +47,6 @@ class SlideLock:
                 os.close(self._fd)
                 self._fd = None
 
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
 
 @contextmanager
 def slide_lock(folder: str | Path, slide_id: str) -> Iterator[bool]:

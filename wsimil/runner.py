@@ -29,8 +29,6 @@ from .layout import StageFolder
 from .locks import SlideLock
 from .store import StatusLog, remove_partial
 
-STATUSES = ("ok", "empty", "error", "skipped")
-
 
 @dataclass
 class SlideOutcome:
@@ -67,6 +65,8 @@ class SlideStage:
     name = "stage"
     #: result columns of this stage beyond slide_id/status/message/seconds, with defaults
     columns: dict = {}
+    #: what differs when a slide's output exists with another settings hash
+    changed = "other settings"
 
     def __init__(self, folder: StageFolder):
         self.folder = folder
@@ -81,7 +81,7 @@ class SlideStage:
 
     def changed_message(self, row: dict) -> str:
         return (
-            f"{self.outputs(row)[0]}: made with other {self.name} settings; "
+            f"{self.outputs(row)[0]}: made with {self.changed}; "
             "pass --overwrite to redo it or use another run folder"
         )
 
@@ -191,7 +191,6 @@ class _Run:
                 if i not in done:
                     c.lock.release()
                     self.finish(c.row, SlideOutcome("error", msg), c.t0)
-                    done.add(i)
         finally:
             for c in claims:
                 c.lock.release()

@@ -29,6 +29,15 @@ def config_hash(settings: dict) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 4 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def zstd_compressors():
     import zarr
 
@@ -91,10 +100,6 @@ class PendingStore(Pending):
 
         super().__init__(final_path)
         self.group = zarr.open_group(str(self.path), mode="w", zarr_format=3)
-
-    @property
-    def tmp_path(self) -> Path:
-        return self.path
 
 
 @contextmanager

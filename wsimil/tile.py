@@ -222,6 +222,7 @@ class TileStage(SlideStage):
 
     name = "tile"
     columns = {"n_tiles": 0, "tissue_mm2": 0.0}
+    changed = "other tile settings"
 
     def __init__(self, layout: RunLayout, cfg: TileConfig, *, mask: str | None = None):
         super().__init__(layout.tiles)

