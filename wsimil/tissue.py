@@ -21,7 +21,7 @@ def tissue_mask(
     white_level: int = 235,
     black_level: int = 40,
 ) -> np.ndarray:
-    """Tissue mask by saturation + Otsu, blur and morphological clean-up.
+    """Tissue mask by saturation (darkness on a gray slide) + Otsu, blur and clean-up.
 
     Parameters
     ----------
@@ -36,8 +36,8 @@ def tissue_mask(
     blur_um : float
         Gaussian blur (sigma, µm) of the saturation channel before thresholding.
     min_saturation, max_saturation_threshold : float
-        The Otsu threshold is clipped to this range, so a slide that is all background or all
-        tissue does not get a meaningless split.
+        The Otsu threshold of :func:`tissue_signal` is clipped to this range, so a slide that is
+        all background or all tissue does not get a meaningless split.
 
     Returns
     -------
@@ -49,10 +49,7 @@ def tissue_mask(
 
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) RGB image, got shape {rgb.shape}")
-    # HSV saturation (max - min) / max, computed directly in float32.
-    hi = rgb.max(axis=2).astype(np.float32)
-    lo = rgb.min(axis=2).astype(np.float32)
-    sat = (hi - lo) / np.maximum(hi, 1.0)
+    sat = tissue_signal(rgb)
     sat = gaussian(sat, sigma=max(blur_um / pixel_um, 0.0), preserve_range=True)
     spread = float(sat.max() - sat.min())
     thr = threshold_otsu(sat) if spread > 1e-3 else max_saturation_threshold
@@ -73,6 +70,29 @@ def tissue_mask(
     if max_hole_um2 > 0:
         mask = remove_small_holes(mask, max_size=max(int(max_hole_um2 / px_area), 1))
     return mask
+
+
+def tissue_signal(rgb: np.ndarray, *, gray_chroma: float = 4.0) -> np.ndarray:
+    """Per-pixel tissue evidence in 0..1: HSV saturation, or darkness on a gray slide.
+
+    Stained tissue is coloured on near-neutral glass, so saturation ``(max - min) / max``
+    separates them. A grayscale slide (16-bit or 8-bit gray brightfield, converted to RGB
+    with R = G = B; recognised by ``max - min`` below ``gray_chroma`` for 99.9% of pixels)
+    has no saturation at all; there tissue is darker than the bright background, and the
+    signal is the darkness relative to the background, ``1 - value / p99`` with ``p99`` the
+    99th percentile of the brightness (the glass, clipped to at least 1).
+
+    Returns
+    -------
+    ndarray, shape (H, W), float32
+    """
+    hi = rgb.max(axis=2).astype(np.float32)
+    lo = rgb.min(axis=2).astype(np.float32)
+    chroma = hi - lo
+    if np.count_nonzero(chroma >= gray_chroma) <= 0.001 * chroma.size:  # 99.9% gray
+        glass = max(float(np.percentile(hi, 99)), 1.0)
+        return np.clip(1.0 - hi / glass, 0.0, 1.0)
+    return chroma / np.maximum(hi, 1.0)
 
 
 def pen_mask(rgb: np.ndarray) -> np.ndarray:

@@ -8,7 +8,11 @@ Readers
 - :class:`OpenSlideReader` for everything OpenSlide opens (SVS, NDPI, MRXS, SCN, BIF, VMS,
   generic tiled TIFF, DICOM folders).
 - :class:`TiffReader` (tifffile) for TIFF layouts OpenSlide refuses (OME pyramids in SubIFDs,
-  plain tiled or stripped TIFF).
+  plain tiled or stripped TIFF), and for every TIFF whose samples are not 8-bit RGB(A)
+  (grayscale, 16-bit, float, palette, gray + alpha): OpenSlide reads 16-bit samples by their
+  high byte and refuses floats, so those are never given to it.
+- Sample layouts are converted to uint8 RGB in one place, :func:`.samples.to_rgb8`, which
+  lists the layouts read and refused (CMYK, Lab, multichannel...: one-line SlideError).
 - :class:`ImageReader` (Pillow) for small PNG/JPEG images.
 """
 
@@ -20,16 +24,20 @@ from pathlib import Path
 from .base import Slide, SlideError, SlideInfo
 from .image_reader import ImageReader
 from .openslide_reader import OpenSlideReader
+from .samples import SampleLayout, tiff_layout, to_rgb8
 from .tiff_reader import TiffReader
 
 __all__ = [
     "ImageReader",
     "OpenSlideReader",
+    "SampleLayout",
     "Slide",
     "SlideError",
     "SlideInfo",
     "TiffReader",
     "open_slide",
+    "tiff_layout",
+    "to_rgb8",
 ]
 
 TIFF_SUFFIXES = {".tif", ".tiff", ".ome.tif", ".ome.tiff", ".btf"}
@@ -49,10 +57,9 @@ def open_slide(path: str | Path, *, mpp: float | None = None) -> Slide:
     Raises
     ------
     SlideError
-        One line naming the file and the reason when no reader can open it.
+        One line naming the file and the reason when no reader can open it (including a
+        sample layout that cannot be converted to RGB, e.g. CMYK).
     """
-    import openslide
-
     path = Path(path)
     if not path.exists():
         raise SlideError(f"{path}: file not found; fix the path in the manifest")
@@ -60,40 +67,73 @@ def open_slide(path: str | Path, *, mpp: float | None = None) -> Slide:
         raise SlideError(f"{path}: file is empty (0 bytes); re-copy the slide")
     suffix = "".join(path.suffixes[-2:]).lower() if path.suffixes else ""
     last = path.suffix.lower()
-    slide: Slide | None = None
-    reasons = []
     if last in IMAGE_SUFFIXES:
         try:
-            slide = ImageReader(path)
+            slide: Slide = ImageReader(path)
         except SlideError:
             raise
         except Exception as exc:
             raise SlideError(f"{path}: cannot open as an image: {exc}") from exc
     else:
+        slide = _open_wsi(path, is_tiff=last in TIFF_SUFFIXES or suffix in TIFF_SUFFIXES)
+    if mpp is not None and not (isinstance(mpp, float) and math.isnan(mpp)):
+        slide.mpp = float(mpp)
+    return slide
+
+
+def _tiff_needs_tifffile(path: Path) -> bool:
+    """True when a TIFF's samples are not plain 8-bit RGB(A) (see :mod:`.samples`).
+
+    Raises the one-line SlideError of :func:`tiff_layout` for a layout no reader converts;
+    False when tifffile cannot parse the file (OpenSlide may still open it).
+    """
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(str(path)) as tif:
+            page = tif.series[0].keyframe
+            layout = tiff_layout(page, path)
+    except SlideError:
+        raise
+    except Exception:
+        return False
+    return not layout.plain_rgb8
+
+
+def _open_wsi(path: Path, *, is_tiff: bool) -> Slide:
+    """OpenSlide, or tifffile for TIFFs OpenSlide misreads, refuses or sees as one level."""
+    import openslide
+
+    if is_tiff and _tiff_needs_tifffile(path):
         try:
-            slide = OpenSlideReader(path)
-        except (openslide.OpenSlideUnsupportedFormatError, openslide.OpenSlideError) as exc:
-            reasons.append(f"OpenSlide: {str(exc) or type(exc).__name__}")
-        is_tiff = last in TIFF_SUFFIXES or suffix in TIFF_SUFFIXES
-        if slide is not None and is_tiff and slide.level_count == 1:
-            # OpenSlide reads an OME pyramid in SubIFDs as one level: prefer tifffile's pyramid.
-            try:
-                alt = TiffReader(path)
-            except Exception:
-                alt = None
-            if alt is not None and alt.level_count > 1:
-                slide.close()
-                slide = alt
-            elif alt is not None:
-                alt.close()
-        if slide is None and is_tiff:
-            try:
-                slide = TiffReader(path)
-            except Exception as exc:
-                reasons.append(f"tifffile: {exc}")
+            return TiffReader(path)
+        except SlideError:
+            raise
+        except Exception as exc:
+            raise SlideError(f"{path}: cannot open slide (tifffile: {exc})") from exc
+    slide: Slide | None = None
+    reasons = []
+    try:
+        slide = OpenSlideReader(path)
+    except (openslide.OpenSlideUnsupportedFormatError, openslide.OpenSlideError) as exc:
+        reasons.append(f"OpenSlide: {str(exc) or type(exc).__name__}")
+    if slide is not None and is_tiff and slide.level_count == 1:
+        # OpenSlide reads an OME pyramid in SubIFDs as one level: prefer tifffile's pyramid.
+        try:
+            alt = TiffReader(path)
+        except Exception:
+            alt = None
+        if alt is not None and alt.level_count > 1:
+            slide.close()
+            slide = alt
+        elif alt is not None:
+            alt.close()
+    if slide is None and is_tiff:
+        try:
+            slide = TiffReader(path)
+        except Exception as exc:
+            reasons.append(f"tifffile: {exc}")
     if slide is None:
         why = "; ".join(reasons) or "unsupported file type"
         raise SlideError(f"{path}: cannot open slide ({why})")
-    if mpp is not None and not (isinstance(mpp, float) and math.isnan(mpp)):
-        slide.mpp = float(mpp)
     return slide

@@ -154,20 +154,3 @@ class Slide:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def _rgba_to_rgb_white(arr: np.ndarray) -> np.ndarray:
-    """Composite an (H, W, 4) premultiplied RGBA array over white -> (H, W, 3) uint8.
-
-    OpenSlide returns premultiplied colour, so ``rgb + (255 - alpha)`` is the composite. Opaque
-    pixels (almost all of a slide) take a fast path.
-    """
-    rgb = np.ascontiguousarray(arr[..., :3])
-    alpha = arr[..., 3]
-    if alpha.min() == 255:
-        return rgb
-    clear = alpha < 255
-    rgb[clear] = np.minimum(rgb[clear].astype(np.uint16) + (255 - alpha[clear, None]), 255).astype(
-        np.uint8
-    )
-    return rgb

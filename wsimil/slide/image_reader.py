@@ -6,11 +6,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import Slide, SlideError, _rgba_to_rgb_white
+from .base import Slide, SlideError
+from .samples import pillow_layout, to_rgb8
 
 
 class ImageReader(Slide):
-    """Small PNG/JPEG images, held in memory (one level)."""
+    """Small PNG/JPEG images, held in memory (one level), converted once to RGB at open
+    (:func:`.samples.pillow_layout`: gray, 16-bit, palette, alpha...)."""
 
     reader_name = "pillow"
     max_pixels = 200_000_000
@@ -24,11 +26,8 @@ class ImageReader(Slide):
                 raise SlideError(
                     f"{path}: {im.width} x {im.height} px is too large for a plain image; convert it to a tiled pyramidal TIFF"
                 )
-            if im.mode in ("RGBA", "LA", "P"):
-                im = im.convert("RGBA")
-                self._img = _rgba_to_rgb_white(_premultiply(np.asarray(im)))
-            else:
-                self._img = np.asarray(im.convert("RGB"))
+            arr, self.layout = pillow_layout(im, path)
+            self._img = to_rgb8(arr, self.layout)
         self.level_dimensions = ((self._img.shape[1], self._img.shape[0]),)
         self.level_downsamples = (1.0,)
 
@@ -41,9 +40,3 @@ class ImageReader(Slide):
         if xe > xs and ye > ys:
             out[ys - y0 : ye - y0, xs - x0 : xe - x0] = self._img[ys:ye, xs:xe]
         return out
-
-
-def _premultiply(rgba: np.ndarray) -> np.ndarray:
-    out = rgba.astype(np.float32)
-    out[..., :3] *= out[..., 3:4] / 255.0
-    return out.astype(np.uint8)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import Slide, SlideError, _rgba_to_rgb_white
+from .base import Slide, SlideError
+from .samples import OPENSLIDE_RGBA, to_rgb8
 
 
 class OpenSlideReader(Slide):
@@ -38,7 +39,7 @@ class OpenSlideReader(Slide):
             raise SlideError(
                 f"{self.path}: cannot read region {tuple(location)} level {level}: {exc}"
             ) from exc
-        return _rgba_to_rgb_white(np.asarray(img))
+        return to_rgb8(np.asarray(img), OPENSLIDE_RGBA)
 
     def close(self):
         self._osr.close()
