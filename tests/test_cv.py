@@ -142,7 +142,7 @@ def test_cv_writes_fold_outputs_and_resumes_from_checkpoints(tmp_path):
     assert res["n_folds"] == 3 and res["accuracy"] > 0.6
     summary = pd.read_csv(tmp_path / "m" / "metrics_summary.csv")
     assert list(summary.columns) == ["stat", "accuracy", "precision", "recall", "f1", "auc"]
-    ckpts = sorted((tmp_path / "m" / "folds").glob("*/checkpoint.pt"))
+    ckpts = sorted((tmp_path / "m" / "folds").glob("*/model.safetensors"))
     assert len(ckpts) == 3
     mtimes = [c.stat().st_mtime_ns for c in ckpts]
     again = train_bags(bags, tmp_path / "m", cfg)  # resume: nothing retrained, same predictions

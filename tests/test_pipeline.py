@@ -60,7 +60,7 @@ def _check_cohort_outputs(run: Path, ids: list[str]) -> None:
                      f"{sid}.heatmap.tiff", f"{sid}.html", "slide.json"):  # fmt: skip
             assert (d / name).stat().st_size > 0, d / name
         assert list((d / "top").glob("*.jpg"))
-    assert (run / "models" / "gated_attention" / "checkpoint.pt").is_file()
+    assert (run / "models" / "gated_attention" / "model.json").is_file()
     pred = pd.read_csv(hm / "predictions.csv")
     assert sorted(pred.slide_id) == sorted(ids) and pred.probability.between(0, 1).all()
     index = (hm / "index.html").read_text()

@@ -3,9 +3,9 @@
 Reads ``features/<encoder>/<slide_id>.zarr`` for the slides of the manifest, splits them
 (seeded, stratified, by ``case_id`` when given so a patient never straddles train and test;
 :mod:`wsimil.cv`), trains with Adam and early stopping on the validation loss (:func:`fit`,
-one bag per step, top to bottom), and writes ``models/<name>/``: ``checkpoint.pt``
-(:mod:`wsimil.checkpoint`: everything needed to predict or resume), ``predictions.csv``,
-``metrics.csv``, ``history.csv`` and ``config.yaml``.
+one bag per step, top to bottom), and writes ``models/<name>/``: ``model.safetensors`` +
+``model.json`` (:mod:`wsimil.checkpoint`: everything needed to predict or resume; nothing is
+pickled), ``predictions.csv``, ``metrics.csv``, ``history.csv`` and ``config.yaml``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from .bags import Bag, BagTensors, Standardiser, load_slide_bags, read_mil_table
-from .checkpoint import load_checkpoint, model_kwargs, save_checkpoint
+from .checkpoint import has_model, load_checkpoint, model_kwargs, save_checkpoint
 from .config import TrainConfig, save_config
 from .cv import METRIC_COLUMNS, Fold, binary_metrics, make_folds, summarise_metrics
 from .layout import RunLayout
@@ -162,7 +162,10 @@ def fit(
 
 
 def _same_run(saved: dict, current: dict) -> bool:
-    """Whether a fold checkpoint was trained with these settings (more repeats reuse the folds done)."""
+    """Whether a fold's model was trained with these settings (more repeats reuse the folds done).
+
+    Both configs are compared as JSON (``model.json`` holds ``model_dump(mode="json")``).
+    """
     return {k: v for k, v in saved.items() if k != "n_repeats"} == {
         k: v for k, v in current.items() if k != "n_repeats"
     }
@@ -176,10 +179,9 @@ def _fold_model(fold: Fold, bags, model_dir: Path, cfg: TrainConfig, *, encoder,
     model, standardiser, history (None when resumed), best_epoch, resumed
     """
     fold_dir = model_dir / "folds" / f"r{fold.repeat}_f{fold.fold}"
-    ckpt_path = fold_dir / "checkpoint.pt"
-    if ckpt_path.is_file():
-        model, std, meta = load_checkpoint(ckpt_path)
-        if _same_run(meta["config"], cfg.model_dump()) and meta["split"] == fold.split:
+    if has_model(fold_dir):  # a legacy pickled checkpoint.pt is refused, never unpickled
+        model, std, meta = load_checkpoint(fold_dir)
+        if _same_run(meta["config"], cfg.model_dump(mode="json")) and meta["split"] == fold.split:
             return model, std, None, meta["best_epoch"], True
     train = [b for b in bags if fold.split[b.bag_id] == "train"]
     val = [b for b in bags if fold.split[b.bag_id] == "val"]
@@ -190,7 +192,7 @@ def _fold_model(fold: Fold, bags, model_dir: Path, cfg: TrainConfig, *, encoder,
     fold_dir.mkdir(parents=True, exist_ok=True)
     history.to_csv(fold_dir / "history.csv", index=False)
     save_checkpoint(
-        ckpt_path, model, std, cfg, encoder=encoder, best_epoch=best_epoch, split=fold.split,
+        fold_dir, model, std, cfg, encoder=encoder, best_epoch=best_epoch, split=fold.split,
         repeat=fold.repeat, fold=fold.fold,
     )  # fmt: skip
     return model, std, history, best_epoch, False
@@ -221,12 +223,15 @@ def train_bags(
 ) -> dict:
     """Run ``cfg.protocol`` on bags: the one code path of slide cohorts and bag tables.
 
-    Writes to ``model_dir``: ``config.yaml``; per fold ``folds/r<repeat>_f<fold>/checkpoint.pt``
-    and ``history.csv`` (a fold whose checkpoint exists with the same config, ``n_repeats`` aside,
-    is resumed from it, not retrained); ``predictions.csv`` (slide_id, repeat, fold, split, probability, prediction,
-    label: test bags of every fold under CV, every bag under holdout/split_column);
+    Writes to ``model_dir``: ``config.yaml``; per fold ``folds/r<repeat>_f<fold>/``
+    ``model.safetensors`` + ``model.json`` (:mod:`wsimil.checkpoint`) and ``history.csv`` (a
+    fold whose model exists with the same config, ``n_repeats`` aside, is resumed from it, not
+    retrained; a legacy pickled ``checkpoint.pt`` is refused, never unpickled);
+    ``predictions.csv`` (slide_id, repeat, fold, split, probability, prediction, label: test
+    bags of every fold under CV, every bag under holdout/split_column);
     ``metrics.csv`` (test metrics per fold), ``metrics_summary.csv`` (mean and std over folds).
-    Holdout and split_column also write ``checkpoint.pt`` (the model the heatmap stage uses).
+    Holdout and split_column also write ``model.safetensors`` + ``model.json`` in ``model_dir``
+    (the model the heatmap stage uses).
 
     Returns
     -------
@@ -256,7 +261,7 @@ def train_bags(
             )
         if len(folds) == 1:
             save_checkpoint(
-                model_dir / "checkpoint.pt", model, std, cfg, encoder=encoder,
+                model_dir, model, std, cfg, encoder=encoder,
                 best_epoch=best_epoch, split=f.split,
             )  # fmt: skip
             pd.DataFrame(history if history is not None else []).to_csv(

@@ -59,12 +59,15 @@ def create_encoder(
         Load pretrained weights (from local files only). ``False`` gives random init
         (``weights_id="random-init"``), for tests and benchmarks.
     checkpoint : str or Path, optional
-        A local weights file for the architecture ``name`` names: a state dict (``.pth``,
-        ``.bin``, ``.safetensors``, possibly wrapped in ``{"state_dict": ...}`` or
-        ``{"model": ...}``) or a whole ``torch.save``-d ``nn.Module``. Takes precedence over
-        ``pretrained``. Every backbone weight must be present; only classifier (and truncated)
-        keys may be left over. A whole module is unpickled, which runs code from the file:
-        use trusted files only.
+        A local weights file for the architecture ``name`` names: a ``.safetensors`` file or
+        a plain state dict (``.pth``, ``.bin``, possibly wrapped in ``{"state_dict": ...}`` or
+        ``{"model": ...}``), read with ``torch.load(weights_only=True)``, which builds tensors
+        and plain containers only. Nothing is fully unpickled: a whole ``torch.save``-d
+        ``nn.Module`` (or anything else the restricted unpickler refuses) is refused, since
+        loading it could run code from the file; convert a file you trust once with
+        ``torch.save(model.state_dict(), "weights.pth")`` or to safetensors. Takes precedence
+        over ``pretrained``. Every backbone weight must be present; only classifier (and
+        truncated) keys may be left over.
 
     Returns
     -------
@@ -74,7 +77,8 @@ def create_encoder(
     Raises
     ------
     ValueError
-        Unknown name, or a checkpoint that does not fit the architecture.
+        Unknown name; a checkpoint that does not fit the architecture, is not readable, or
+        would need full unpickling.
     FileNotFoundError
         ``checkpoint`` does not exist.
     MissingWeightsError

@@ -1,4 +1,4 @@
-"""Finding pretrained weights offline and reading/loading checkpoint files.
+"""Finding pretrained weights offline and reading/loading checkpoint files (never unpickled).
 
 Nothing here touches the network: weights are looked up in the local Hugging Face cache
 (``$HF_HUB_CACHE`` or ``$HF_HOME/hub``, resolved at call time), in timm's legacy torch-hub
@@ -13,7 +13,6 @@ import pickle
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..store import file_sha256
 from .base import Encoder, MissingWeightsError
@@ -113,34 +112,58 @@ def _map_in_order(src: dict, dst: dict, *, source: str) -> dict:
 
 
 def _read_checkpoint(path: Path) -> dict:
-    """A flat state dict from a weights file (safetensors, state dict, wrapped dict or module)."""
+    """A flat state dict from a weights file, read without running any code from it.
+
+    Parameters
+    ----------
+    path : Path
+        A ``.safetensors`` file, or a PyTorch file holding a plain state dict (or a dict wrapping
+        one under ``state_dict_ema``, ``model_ema``, ``state_dict`` or ``model``), read with
+        ``torch.load(weights_only=True)``: PyTorch's restricted unpickler, which builds tensors
+        and plain containers only.
+
+    Raises
+    ------
+    ValueError
+        One line naming the file: not readable, not a state dict, or refused because reading it
+        would need full unpickling (a whole pickled ``nn.Module``, or any other object the
+        restricted unpickler refuses), which can run code.
+    """
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path), device="cpu")
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as exc:  # safetensors raises its own error types
+            raise ValueError(
+                f"{path}: not a readable safetensors file ({type(exc).__name__}: {_first_line(exc)})"
+            ) from exc
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # a whole pickled nn.Module: needs full unpickling
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:
-            raise ValueError(
-                f"{path}: cannot unpickle the checkpoint ({type(exc).__name__}: {exc})"
-            ) from exc
+    except pickle.UnpicklingError as exc:  # e.g. a whole pickled nn.Module: never unpickled
+        raise ValueError(
+            f"{path}: refused: reading it would need full unpickling, which can run code; if you "
+            f'trust the file, convert it once with torch.save(model.state_dict(), "weights.pth") '
+            f"or save the state dict as .safetensors, and pass that file"
+        ) from exc
     except Exception as exc:
         raise ValueError(
-            f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})"
+            f"{path}: not a readable PyTorch weights file ({type(exc).__name__}: {_first_line(exc)})"
         ) from exc
     if isinstance(obj, dict):
         for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
-            if obj.get(key) is not None and (isinstance(obj[key], nn.Module | dict)):
+            if isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
-    if isinstance(obj, nn.Module):
-        obj = obj.state_dict()
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path}: expected a state dict or an nn.Module, got {type(obj).__name__}")
+        raise ValueError(f"{path}: expected a state dict of tensors, got {type(obj).__name__}")
     return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in obj.items()}
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else ""
 
 
 def _load_checkpoint(encoder: Encoder, path: Path) -> None:
