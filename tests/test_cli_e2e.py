@@ -75,7 +75,7 @@ def test_four_stages_end_to_end(cohort):
     assert pred.probability.between(0, 1).all()
     metrics = pd.read_csv(model_dir / "metrics.csv")
     assert {"accuracy", "precision", "recall", "f1", "auc"} <= set(metrics.columns)
-    assert (model_dir / "checkpoint.pt").exists()
+    assert (model_dir / "model.json").exists() and (model_dir / "model.safetensors").exists()
     # Over the memory budget the slides are read from their stores at each use: same model.
     r = _run(
         [
@@ -98,9 +98,24 @@ def test_four_stages_end_to_end(cohort):
     streamed = pd.read_csv(run / "models" / "streamed" / "predictions.csv")
     np.testing.assert_allclose(streamed.probability, pred.probability, atol=1e-5)
 
+    # Any column name works as the label column, e.g. one with a space.
+    her2 = pd.read_csv(run / "manifest.csv").rename(columns={"label": "HER2 status"})
+    her2.to_csv(run / "her2.csv", index=False)
+    r = _run(
+        ["train", run, "--manifest", run / "her2.csv", "--label-column", "HER2 status",
+         "--encoder", "efficientnet_lite0", "--epochs", 2, "--name", "her2"]
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    labels = pd.read_csv(run / "models" / "her2" / "predictions.csv").set_index("slide_id").label
+    assert labels.to_dict() == her2.set_index("slide_id")["HER2 status"].loc[good].to_dict()
+
     r = _run(["heatmap", run, "--model", "gated_attention", "--thumbnail-px", 256])
-    assert r.exit_code == 1  # broken slide again
+    assert r.exit_code == 1  # broken slide again, with its real cause from the tile stage
     hm = run / "heatmaps" / "gated_attention"
+    cause = _status(hm / "status.jsonl")["broken"]["message"]
+    assert cause.startswith("broken: no features; `wsimil tile` failed for it: ") and (
+        "broken.svs: cannot open slide" in cause
+    )
     for sid in good:
         assert (hm / "slides" / sid / f"{sid}.png").exists()
         t = pd.read_csv(hm / "slides" / sid / f"{sid}.csv")

@@ -64,7 +64,8 @@ def test_manifest_resolves_relative_paths_and_reads_mpp(tmp_path):
     )
     assert df.slide_id.tolist() == ["007", "b"]  # ids stay strings
     assert df.path[0] == str(tmp_path.resolve() / "slides" / "a.svs") and df.path[1] == "/abs/b.svs"
-    assert df.mpp[0] == 0.25 and np.isnan(df.mpp[1])
+    assert df.mpp[0] == 0.25 and df.mpp[1] is None
+    assert df.label.tolist() == [1, 0]  # classes as int
 
 
 @pytest.mark.parametrize(
@@ -72,8 +73,8 @@ def test_manifest_resolves_relative_paths_and_reads_mpp(tmp_path):
     [
         ("slide_id,label\na,1\n", "lacks column\\(s\\) path"),
         ("slide_id,path\na,a.svs\n", "lacks column\\(s\\) label"),
-        ("slide_id,path,label\na,a.svs,1\na,b.svs,0\n", "duplicate slide_id"),
-        ("slide_id,path,label\na,a.svs,\n", "empty 'label'"),
+        ("slide_id,path,label\na,a.svs,1\na,b.svs,0\n", "line 3: slide_id 'a' repeats line 2"),
+        ("slide_id,path,label\na,a.svs,\n", "1 bad 'label' value\\(s\\): line 2 \\(a\\): ''"),
     ],
 )
 def test_bad_manifests_get_one_clear_message(tmp_path, text, message):

@@ -14,104 +14,22 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .cli_check import check
+from .cli_common import (
+    CONFIG,
+    MANIFEST,
+    OVERWRITE,
+    RUN_DIR,
+    SHARD,
+    SLIDES,
+    _console,
+    _finish,
+    _forward_args,
+    _load,
+    _select,
+)
 from .cli_options import section_options
 from .config import EmbedConfig, HeatmapConfig, TileConfig, TrainConfig
-
-RUN_DIR = click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
-MANIFEST = click.option(
-    "--manifest",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Cohort manifest CSV (slide_id, path, label[, case_id, mpp]). Default: RUN_DIR/manifest.csv.",
-)
-CONFIG = click.option(
-    "--config",
-    "config_file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="YAML config with tile/embed/train/heatmap sections.",
-)
-OVERWRITE = click.option(
-    "--overwrite",
-    is_flag=True,
-    help="Redo slides whose outputs exist (also when made with other settings).",
-)
-SHARD = click.option(
-    "--shard",
-    default=None,
-    metavar="I/N",
-    help="Process only every N-th slide starting at I (0-based), for array jobs.",
-)
-SLIDES = click.option(
-    "--slides",
-    default=None,
-    metavar="ID,ID,...",
-    help="Process only these slides of the manifest (the workflow's per-slide jobs).",
-)
-
-
-def _console():
-    from rich.console import Console
-
-    return Console(stderr=True)
-
-
-def _load(run_dir, manifest, config_file, *, overrides, require_label=False, label_column="label"):
-    """The resolved settings and the manifest; bad input ends the command with one line."""
-    from .config import load_config
-    from .layout import RunLayout
-    from .manifest import ManifestError, read_manifest
-
-    try:
-        cfg = load_config(config_file, **overrides)
-        df = read_manifest(
-            manifest or RunLayout(run_dir).manifest,
-            require_label=require_label,
-            label_column=label_column,
-        )
-    except (ManifestError, ValueError) as exc:
-        raise click.ClickException(str(exc).splitlines()[0]) from exc
-    return cfg, df
-
-
-def _select(df, shard, slides):
-    from .manifest import ManifestError, select
-
-    try:
-        return select(df, shard_spec=shard, slides=slides)
-    except ManifestError as exc:
-        raise click.ClickException(str(exc)) from exc
-
-
-def _finish(console, result, title: str, columns: list[str]) -> None:
-    """Summary table, then exit non-zero when a slide failed."""
-    from .runner import n_failed, summarise
-
-    summarise(console, result, title, columns)
-    failed = n_failed(result)
-    if failed:
-        click.echo(f"{failed} slide(s) failed; see the status.jsonl of this stage", err=True)
-        sys.exit(1)
-
-
-def _forward_args(ctx: click.Context, *, drop: set[str]) -> list[str]:
-    """Rebuild a command's arguments from its parsed parameters (to start copies of it)."""
-    argv: list[str] = []
-    for param in ctx.command.params:
-        value = ctx.params.get(param.name)
-        if param.name in drop or value is None:
-            continue
-        if isinstance(param, click.Argument):
-            argv.insert(0, str(value))
-        elif param.is_flag and param.secondary_opts:
-            argv.append(param.opts[0] if value else param.secondary_opts[0])
-        elif param.is_flag:
-            argv += [param.opts[0]] if value else []
-        elif isinstance(value, list):
-            argv += [param.opts[0], ",".join(str(v) for v in value)]
-        else:
-            argv += [param.opts[0], str(value)]
-    return argv
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -121,6 +39,7 @@ def main():
 
     \b
     Stages, each reading the previous stage's folder in RUN_DIR:
+      wsimil check RUN_DIR     pre-flight: manifest, ids, labels, files, mpp (writes nothing)
       wsimil tile RUN_DIR      tissue mask + tile grid      -> RUN_DIR/tiles/
       wsimil embed RUN_DIR     frozen CNN features          -> RUN_DIR/features/<encoder>/
       wsimil train RUN_DIR     attention MIL head           -> RUN_DIR/models/<name>/
@@ -169,14 +88,18 @@ def synth(out_dir, n_slides, positive_fraction, size_px, mpp, n_lesions, seed):
 @section_options(TileConfig, "tile")
 def tile(run_dir, manifest, config_file, mask_source, overwrite, shard, slides, overrides):
     """Tissue-mask each slide and grid it into tiles -> RUN_DIR/tiles/<slide_id>.zarr."""
+    from .runner import RunFolderError
     from .tile import run_tile
 
     cfg, df = _load(run_dir, manifest, config_file, overrides=overrides)
     console = _console()
-    result = run_tile(
-        _select(df, shard, slides), run_dir, cfg.tile, overwrite=overwrite, console=console,
-        mask=mask_source,
-    )  # fmt: skip
+    try:
+        result = run_tile(
+            _select(df, shard, slides), run_dir, cfg.tile, overwrite=overwrite, console=console,
+            mask=mask_source,
+        )  # fmt: skip
+    except RunFolderError as exc:
+        raise click.ClickException(str(exc)) from exc
     _finish(console, result, "tile", ["n_tiles", "tissue_mm2"])
 
 
@@ -259,11 +182,7 @@ def train(run_dir, manifest, config_file, encoder, bag_table, memory_budget_gb, 
             model_dir = RunLayout(run_dir).model_dir(cfg.train.name)
             res = train_bags(read_mil_table(bag_table), model_dir, cfg.train, console=console)
         else:
-            label = given["label_column"] or "label"
-            cfg, df = _load(
-                run_dir, manifest, config_file, overrides=overrides, require_label=True,
-                label_column=label,
-            )  # fmt: skip
+            cfg, df = _load(run_dir, manifest, config_file, overrides=overrides, require_label=True)
             res = run_train(
                 df, run_dir, cfg.train, encoder=cfg.embed.encoder,
                 memory_budget_gb=memory_budget_gb, console=console,
@@ -311,7 +230,7 @@ def heatmap(run_dir, manifest, config_file, model_name, overwrite, shard, slides
             _select(df, shard, slides), run_dir, cfg.heatmap, model_name=model_name,
             overwrite=overwrite, console=console, report=whole,
         )  # fmt: skip
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc).splitlines()[0]) from exc
     if whole and cfg.heatmap.review_page:
         console.print(f"review page: {RunLayout(run_dir).review_index(model_name)}")
@@ -371,6 +290,8 @@ def demo(out_dir, n_slides, size_px, encoder, seed):
     if res["failed"]:
         sys.exit(1)
 
+
+main.add_command(check)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -17,10 +17,11 @@ import numpy as np
 import pandas as pd
 
 from . import __version__
-from .config import EmbedConfig, save_config
+from .config import EmbedConfig
+from .earlier import before_embed
 from .layout import RunLayout
 from .manifest import mpp_override
-from .runner import SlideOutcome, SlideStage, run_slides
+from .runner import SlideOutcome, SlideStage, error_outcome, run_slides
 from .slide import SlideError
 from .store import (
     PendingStore,
@@ -137,6 +138,7 @@ class EmbedStage(SlideStage):
         self.ecfg = encoder.config
         self.enc_attrs = self.ecfg.to_attrs()
         self._model = None
+        self.earlier = before_embed(layout)
 
     def outputs(self, row):
         return [self.layout.feature_store(self.cfg.encoder, row["slide_id"])]
@@ -151,14 +153,18 @@ class EmbedStage(SlideStage):
         state = store_status(self.outputs(row)[0], self._hash(tattrs))
         return state, ({"n_tiles": int(tattrs["n_tiles"])} if state == "complete" else {})
 
+    def check(self, row) -> None:
+        sid = row["slide_id"]
+        if not self.layout.tile_store(sid).is_dir():
+            raise SlideError(self.earlier.missing(sid, "tile store", "wsimil tile"))
+        mpp_override(row)
+
     def plan(self, row) -> SlideJob:
         sid = row["slide_id"]
         tstore = self.layout.tile_store(sid)
         tattrs = store_attrs(tstore)
         if tattrs is None:
-            raise SlideError(
-                f"{sid}: no tile store at {tstore}; run `wsimil tile` first (or see tiles/status.jsonl)"
-            )
+            raise SlideError(self.earlier.missing(sid, "tile store", "wsimil tile"))
         mpp = mpp_override(row)
         return SlideJob(
             slide_id=sid,
@@ -210,7 +216,12 @@ class EmbedStage(SlideStage):
                 started.setdefault(j, time.perf_counter())
                 if j in failed:
                     continue
-                outcome = self._take_batch(jobs[j], item, open_stores.get(j))
+                try:
+                    outcome = self._take_batch(jobs[j], item, open_stores.get(j))
+                except (
+                    Exception
+                ) as exc:  # e.g. a full disk: this slide fails, maybe the stage stops
+                    outcome = error_outcome(exc, jobs[j].path, self.folder.path)
                 if isinstance(outcome, tuple):  # the slide goes on: its open store
                     open_stores[j] = outcome
                     continue
@@ -234,17 +245,21 @@ class EmbedStage(SlideStage):
         if pending is None:
             pending = self._begin(job)
             writer = RowWriter(pending.group["features"])
-        feats = self._features(item["tiles"])
-        if not np.all(np.isfinite(feats)):
-            pending.abort()  # also when this was the slide's first batch
-            return SlideOutcome(
-                "error", f"{job.path}: non-finite features; check the encoder and its weights"
-            )
-        writer.append(feats.astype(np.float16))
-        if writer.rows < len(job.coords):
-            return pending, writer
-        writer.flush()
-        pending.commit()
+        try:
+            feats = self._features(item["tiles"])
+            if not np.all(np.isfinite(feats)):
+                pending.abort()  # also when this was the slide's first batch
+                return SlideOutcome(
+                    "error", f"{job.path}: non-finite features; check the encoder and its weights"
+                )
+            writer.append(feats.astype(np.float16))
+            if writer.rows < len(job.coords):
+                return pending, writer
+            writer.flush()
+            pending.commit()
+        except BaseException:
+            pending.abort()  # no partial store is left behind, whatever failed
+            raise
         return SlideOutcome("ok", "", {"n_tiles": len(job.coords)})
 
     def _loader(self, jobs: list[SlideJob]):
@@ -315,41 +330,45 @@ def run_embed(
     if encoder is None:
         encoder = create_encoder(cfg.encoder, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint)
     stage = EmbedStage(RunLayout(out_dir), cfg, encoder, device)
-    stage.folder.path.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, stage.folder.config_file)
     label = f"embed ({encoder.config.name}, {device})"
-    return run_slides(stage, manifest, overwrite=overwrite, console=console, label=label)
+    return run_slides(
+        stage, manifest, overwrite=overwrite, console=console, label=label, settings=cfg
+    )
 
 
 def _begin_store(path: Path, job: SlideJob, dim: int, enc_attrs: dict, device: str) -> PendingStore:
     n = len(job.coords)
     pending = PendingStore(path)
-    g = pending.group
-    chunk = max(1, min(n, 4096))
-    g.create_array(
-        "features",
-        shape=(n, dim),
-        dtype="float16",
-        chunks=(chunk, dim),
-        compressors=zstd_compressors(),
-    )
-    coords = g.create_array(
-        "coords", shape=(n, 2), dtype="int32", chunks=(chunk, 2), compressors=zstd_compressors()
-    )
-    if n:
-        coords[...] = job.coords
-    tattrs = dict(job.tile_attrs)
-    chash = tattrs.pop("config_hash_embed")
-    g.attrs.update(
-        {
-            "slide_id": job.slide_id,
-            "n_tiles": n,
-            "feature_dim": dim,
-            "encoder": enc_attrs,
-            "tiles": {k: tattrs[k] for k in sorted(tattrs)},
-            "config_hash": chash,
-            "device": device,
-            "wsimil_version": __version__,
-        }
-    )
+    try:
+        g = pending.group
+        chunk = max(1, min(n, 4096))
+        g.create_array(
+            "features",
+            shape=(n, dim),
+            dtype="float16",
+            chunks=(chunk, dim),
+            compressors=zstd_compressors(),
+        )
+        coords = g.create_array(
+            "coords", shape=(n, 2), dtype="int32", chunks=(chunk, 2), compressors=zstd_compressors()
+        )
+        if n:
+            coords[...] = job.coords
+        tattrs = dict(job.tile_attrs)
+        chash = tattrs.pop("config_hash_embed")
+        g.attrs.update(
+            {
+                "slide_id": job.slide_id,
+                "n_tiles": n,
+                "feature_dim": dim,
+                "encoder": enc_attrs,
+                "tiles": {k: tattrs[k] for k in sorted(tattrs)},
+                "config_hash": chash,
+                "device": device,
+                "wsimil_version": __version__,
+            }
+        )
+    except BaseException:
+        pending.abort()  # no partial store is left behind
+        raise
     return pending

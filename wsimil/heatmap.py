@@ -22,12 +22,14 @@ these records by :mod:`wsimil.report`, at the end of a whole-manifest run or by 
 from __future__ import annotations
 
 import json
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .config import HeatmapConfig, save_config
+from .config import HeatmapConfig
+from .earlier import before_heatmap
 from .export import export_slide
 from .layout import HeatmapFiles, RunLayout
 from .manifest import mpp_override
@@ -35,7 +37,7 @@ from .raster import render_overlay
 from .review import write_slide_page
 from .runner import SlideOutcome, SlideStage, run_slides
 from .slide import SlideError, open_slide
-from .store import atomic_output, config_hash, file_sha256, open_store, store_attrs
+from .store import atomic_output, config_hash, open_store, store_attrs
 
 
 def minmax(values: np.ndarray) -> np.ndarray:
@@ -106,22 +108,22 @@ class HeatmapStage(SlideStage):
     changed = "other heatmap settings, model or features"
 
     def __init__(self, layout: RunLayout, cfg: HeatmapConfig, model_name: str):
-        from .train import load_checkpoint
+        from .checkpoint import META_FILE, has_model, load_checkpoint
 
         super().__init__(layout.heatmaps(model_name))
-        ckpt = layout.model_dir(model_name) / "checkpoint.pt"
-        if not ckpt.exists():
+        folder = layout.model_dir(model_name)
+        if not has_model(folder):
             raise FileNotFoundError(
-                f"{ckpt}: no trained model {model_name!r}; run `wsimil train` first or pass --model"
+                f"{folder / META_FILE}: no trained model {model_name!r}; run `wsimil train` first or pass --model"
             )
         self.layout, self.cfg, self.model_name = layout, cfg, model_name
-        self.model, self.std, self.meta = load_checkpoint(ckpt)
+        self.model, self.std, self.meta = load_checkpoint(folder)  # never unpickles
         self.encoder = self.meta["encoder"]
         self.label_column = self.meta["config"].get("label_column", "label")
         self.settings = {
             "stage": "heatmap",
             **cfg.model_dump(exclude={"review_page"}),
-            "model_sha256": file_sha256(ckpt)[:16],
+            "model_sha256": config_hash(self.meta),  # model.json, which has the weights' SHA-256
         }
 
     def outputs(self, row):
@@ -146,14 +148,25 @@ class HeatmapStage(SlideStage):
             return "changed", {}
         return "complete", {k: record.get(k) for k in self.columns}
 
+    @cached_property
+    def earlier(self):
+        return before_heatmap(self.layout, self.encoder)
+
+    def _no_features(self, sid: str) -> SlideError:
+        command = f"wsimil embed --encoder {self.encoder}"
+        return SlideError(self.earlier.missing(sid, "features", command))
+
+    def check(self, row) -> None:
+        if not self._feature_store(row["slide_id"]).is_dir():
+            raise self._no_features(row["slide_id"])
+        mpp_override(row)
+
     def plan(self, row) -> dict:
         sid = row["slide_id"]
         store = self._feature_store(sid)
         attrs = store_attrs(store)
         if attrs is None:
-            raise SlideError(
-                f"{sid}: no features at {store}; run `wsimil embed --encoder {self.encoder}` first"
-            )
+            raise self._no_features(sid)
         name = attrs["encoder"]["name"]
         if name != self.encoder:
             raise SlideError(
@@ -274,13 +287,13 @@ def run_heatmap(
     Raises
     ------
     FileNotFoundError
-        No checkpoint for ``model_name``.
+        No trained model (``models/<model_name>/model.json``) for ``model_name``.
+    ValueError
+        The model files are refused (a legacy pickled ``checkpoint.pt``, or damaged files).
     """
     layout = RunLayout(out_dir)
     stage = HeatmapStage(layout, cfg, model_name)
-    stage.folder.path.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, stage.folder.config_file)
-    result = run_slides(stage, manifest, overwrite=overwrite, console=console)
+    result = run_slides(stage, manifest, overwrite=overwrite, console=console, settings=cfg)
     if report:
         from .report import write_report
 

@@ -1,13 +1,32 @@
-"""The cohort manifest: ``slide_id, path, label[, case_id, mpp, ...]`` (CSV, never globbed)."""
+"""The cohort manifest: ``slide_id, path, label[, case_id, mpp, ...]`` (CSV, never globbed).
+
+What is checked when a manifest is read, before any slide is touched (:func:`read_manifest`):
+
+- the columns ``slide_id`` and ``path`` (and the label column where a stage needs labels);
+- every slide id: non-empty, unique, at most 128 letters, digits, ``.``, ``_`` or ``-`` and
+  not starting with ``.`` or ``-`` (:func:`wsimil.layout.check_slide_id`), so no id can name
+  a path outside the run folder;
+- every label: a valid class (``0`` or ``1``; empty only where the stage does not need labels).
+
+A manifest that fails these is refused whole, with one line listing the offending CSV lines.
+What concerns one slide only (its file, its ``mpp``) is that slide's error when a stage gets to
+it, and the other slides go on (:func:`mpp_override`; ``wsimil check`` reports them all up front).
+"""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pandas as pd
 
+from .layout import check_slide_id
+
 REQUIRED = ("slide_id", "path")
 PATH_COLUMNS = ("path", "lesion_mask")  # resolved against the manifest's folder when relative
+CLASSES = (0, 1)  # binary labels
+MPP_RANGE = (0.05, 20.0)  # plausible microns per level-0 pixel
+MAX_LISTED = 5  # offending rows named in one message
 
 
 class ManifestError(ValueError):
@@ -17,38 +36,116 @@ class ManifestError(ValueError):
 def read_manifest(
     path: str | Path, *, require_label: bool = False, label_column: str = "label"
 ) -> pd.DataFrame:
-    """Read and validate a manifest.
+    """Read and validate a manifest (see the module docstring for what is checked).
 
-    Relative slide paths are resolved against the manifest's folder. Returns a DataFrame with
-    at least ``slide_id`` (str) and ``path`` (absolute str); ``mpp`` is float when present.
+    Every cell is read as text and stripped; empty cells become ``None``. Relative paths are
+    resolved against the manifest's folder. Labels become ``int`` (or ``None`` when empty).
+    ``mpp`` is a float when valid; an invalid value is kept as written so that its slide, and
+    only it, fails with a message naming it (:func:`mpp_override`).
+
+    Returns
+    -------
+    DataFrame, one row per slide, at least ``slide_id`` (str) and ``path`` (absolute str).
+
+    Raises
+    ------
+    ManifestError
+        One line naming the file, the offending CSV lines (at most 5) and what to do.
     """
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"{path}: manifest not found")
     try:
-        df = pd.read_csv(path, dtype={"slide_id": str, "case_id": str})
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
     except Exception as exc:
         raise ManifestError(f"{path}: cannot read manifest CSV: {exc}") from exc
-    if "slide_id" in df.columns:
-        df["slide_id"] = df["slide_id"].astype(str).str.strip()
-    check_columns(df, source=str(path), require=(label_column,) if require_label else ())
+    df.columns = [str(c).strip() for c in df.columns]
+    df = df.apply(lambda col: col.str.strip()).astype(object)
+    df = df.where(df != "", None)
+    require = (label_column,) if require_label else ()
+    check_columns(df, source=str(path), require=require, ids=False)
+    _check_rows(df, path, label_column=label_column, require_label=require_label)
     base = path.parent.resolve()
     for col in PATH_COLUMNS:
         if col in df.columns:
             df[col] = [
-                p if pd.isna(p) else str(p if Path(p).is_absolute() else (base / p))
-                for p in df[col]
+                p if p is None else str(p if Path(p).is_absolute() else (base / p)) for p in df[col]
             ]
+    if label_column in df.columns:
+        df[label_column] = pd.Series([_class(v) for v in df[label_column]], dtype=object)
     if "mpp" in df.columns:
-        df["mpp"] = pd.to_numeric(df["mpp"], errors="coerce")
-    if require_label:
-        if df[label_column].isna().any():
-            bad = df.loc[df[label_column].isna(), "slide_id"].tolist()[:5]
-            raise ManifestError(f"{path}: empty {label_column!r} for slide(s) {', '.join(bad)}")
+        df["mpp"] = pd.Series([_mpp_value(v) for v in df["mpp"]], dtype=object)
     return df.reset_index(drop=True)
 
 
-def check_columns(df: pd.DataFrame, *, source: str = "manifest", require=()) -> None:
+def _line(i: int) -> str:
+    return f"line {i + 2}"  # the header is line 1
+
+
+def _listed(problems: list[str]) -> str:
+    more = len(problems) - MAX_LISTED
+    return "; ".join(problems[:MAX_LISTED]) + (f"; and {more} more" if more > 0 else "")
+
+
+def _check_rows(df: pd.DataFrame, path: Path, *, label_column: str, require_label: bool) -> None:
+    """Refuse bad slide ids and labels, naming the lines."""
+    bad_ids, first_seen = [], {}
+    for i, sid in enumerate(df["slide_id"]):
+        try:
+            check_slide_id(sid if sid is not None else "")
+        except ValueError as exc:
+            bad_ids.append(f"{_line(i)}: {exc}")
+            continue
+        if sid in first_seen:
+            bad_ids.append(f"{_line(i)}: slide_id {sid!r} repeats {_line(first_seen[sid])}")
+        first_seen.setdefault(sid, i)
+    if bad_ids:
+        raise ManifestError(
+            f"{path}: {len(bad_ids)} bad slide_id(s): {_listed(bad_ids)}; every slide_id must be "
+            "unique, 1-128 letters, digits, '.', '_' or '-', not starting with '.' or '-'"
+        )
+    if label_column not in df.columns:
+        return
+    bad = []
+    for i, value in enumerate(df[label_column]):
+        if value is None and not require_label:
+            continue
+        if value is None or _class(value) is None:
+            bad.append(f"{_line(i)} ({df['slide_id'][i]}): {value or ''!r}")
+    if bad:
+        allowed = " or ".join(str(c) for c in CLASSES)
+        empty = "" if require_label else " or empty"
+        raise ManifestError(
+            f"{path}: {len(bad)} bad {label_column!r} value(s): {_listed(bad)}; "
+            f"a label must be {allowed}{empty}"
+        )
+
+
+def _class(value) -> int | None:
+    """The class of a label cell (``"1"``, ``"1.0"`` -> 1), or None if it is not one."""
+    if value is None:
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return int(v) if v in CLASSES else None
+
+
+def _mpp_value(value):
+    """A valid mpp as float; None when empty; anything else kept as written."""
+    if value is None:
+        return None
+    try:
+        v = float(value)
+    except ValueError:
+        return value
+    return v if math.isfinite(v) and MPP_RANGE[0] <= v <= MPP_RANGE[1] else value
+
+
+def check_columns(
+    df: pd.DataFrame, *, source: str = "manifest", require=(), ids: bool = True
+) -> None:
     """The checks every manifest gets, wherever it comes from: columns, unique slide ids.
 
     Raises
@@ -61,6 +158,8 @@ def check_columns(df: pd.DataFrame, *, source: str = "manifest", require=()) -> 
         raise ManifestError(
             f"{source}: manifest lacks column(s) {', '.join(missing)}; it needs slide_id, path and label"
         )
+    if not ids:
+        return
     ids = df["slide_id"].astype(str)
     dups = ids[ids.duplicated()].unique().tolist()
     if dups:
@@ -70,9 +169,28 @@ def check_columns(df: pd.DataFrame, *, source: str = "manifest", require=()) -> 
 
 
 def mpp_override(row: dict) -> float | None:
-    """The manifest's ``mpp`` for one row (a dict), or None if absent/empty."""
+    """The manifest's ``mpp`` for one row (a dict), or None if absent/empty.
+
+    Raises
+    ------
+    ValueError
+        The value is not a number or outside 0.05-20 µm/px; the message names the slide.
+    """
     mpp = row.get("mpp")
-    return None if mpp is None or pd.isna(mpp) else float(mpp)
+    if mpp is None or (isinstance(mpp, float) and math.isnan(mpp)):
+        return None
+    if isinstance(mpp, float) and MPP_RANGE[0] <= mpp <= MPP_RANGE[1]:
+        return mpp
+    try:
+        v = float(mpp)
+    except (TypeError, ValueError):
+        v = None
+    what = "is not a number" if v is None else "is outside the plausible range"
+    raise ValueError(
+        f"{row.get('path') or row.get('slide_id')}: manifest mpp {mpp!r} {what} "
+        f"({MPP_RANGE[0]}-{MPP_RANGE[1]} µm per level-0 pixel); fix the 'mpp' cell of slide "
+        f"{row.get('slide_id')} or leave it empty to use the slide's own"
+    )
 
 
 def select(df: pd.DataFrame, *, shard_spec: str | None = None, slides: str | None = None):

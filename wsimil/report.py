@@ -27,11 +27,13 @@ PREDICTION_COLUMNS = ["slide_id", "probability", "prediction", "label"]
 
 
 def slide_records(layout: RunLayout, model_name: str, slide_ids: list[str]) -> list[dict]:
-    """The record of each slide; for a slide without one, its last status line or 'not run'."""
+    """The record of each slide; for a slide without one, its last error at heatmap or at an
+    earlier stage (the real cause), else 'missing'."""
     last: dict[str, dict] = {}
     for line in StatusLog(layout.heatmaps(model_name).status_file).read():
         if line.get("status") in ("error", "ok", "empty"):
             last[str(line.get("slide_id"))] = line
+    earlier = _earlier(layout, model_name)
     records = []
     for sid in slide_ids:
         files = layout.heatmap_slide(model_name, sid)
@@ -43,12 +45,27 @@ def slide_records(layout: RunLayout, model_name: str, slide_ids: list[str]) -> l
         line = last.get(sid)
         if line is not None and line.get("status") == "error":
             records.append({"slide_id": sid, "status": "error", "message": line.get("message")})
+        elif earlier is not None and earlier.cause(sid) is not None:  # failed before heatmap
+            records.append(
+                {"slide_id": sid, "status": "error", "message": f"{sid}: {earlier.cause(sid)}"}
+            )
         else:
             records.append(
                 {"slide_id": sid, "status": "missing",
                  "message": f"{sid}: no heatmap yet; run `wsimil heatmap --model {model_name}`"}
             )  # fmt: skip
     return records
+
+
+def _earlier(layout: RunLayout, model_name: str):
+    """The earlier stages of a model's slides (its encoder's features, the tiles), if known."""
+    from .earlier import before_heatmap
+
+    try:
+        meta = json.loads((layout.model_dir(model_name) / "model.json").read_text("utf-8"))
+        return before_heatmap(layout, str(meta["encoder"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def cohort_summary(records: list[dict], *, model_name: str) -> dict:

@@ -9,7 +9,13 @@
   unless ``overwrite`` (config hash);
 - run the stage's own work; one bad slide gets one error line and the others go on;
 - append the slide's ``status.jsonl`` line as soon as it ends (``ok``, ``empty``, ``error`` or
-  ``skipped``), draw progress, and return one row per slide for the summary and exit code.
+  ``skipped``), draw progress, and return one row per slide for the summary and exit code;
+- stop cleanly at a fault of the run folder's disk (full, read-only, not writable): the slide
+  that hit it is an error, every finished slide is kept, the slides not started are
+  ``not_run``, and the summary says what to do.
+
+Cheap checks that need no lock (a complete output, a missing input) come first, so a cohort of
+finished or broken rows costs no lock file per row.
 
 A stage supplies only what is its own, as a :class:`SlideStage`: its folder, the outputs and
 state of a slide, how to plan one and how to do one (or a window of several, as ``embed``
@@ -18,6 +24,7 @@ does to keep batches full across slides).
 
 from __future__ import annotations
 
+import errno
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -37,6 +44,40 @@ class SlideOutcome:
     status: str
     message: str = ""
     values: dict = field(default_factory=dict)
+    #: the run folder's disk failed (full, read-only, not writable): no slide after this can end well
+    stop: bool = False
+
+
+class RunFolderError(RuntimeError):
+    """The stage cannot write its folder at all; the message names it and what to do."""
+
+
+#: errors of the disk being written, whatever the file: they stop the stage
+DISK_FAULTS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+#: errors that stop the stage when they concern the stage's own folder (an unreadable slide does not)
+OUTPUT_FAULTS = {errno.EACCES, errno.EPERM}
+
+
+def disk_fault(exc: BaseException, folder: Path) -> OSError | None:
+    """The OSError in ``exc``'s chain that means ``folder``'s disk cannot take writes, if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FAULTS:
+            return exc
+        if isinstance(exc, OSError) and exc.errno in OUTPUT_FAULTS and exc.filename:
+            if Path(str(exc.filename)).absolute().is_relative_to(Path(folder).absolute()):
+                return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def error_outcome(exc: BaseException, where: str, folder: Path) -> SlideOutcome:
+    """A slide's ``error`` outcome for ``exc``; it stops the stage when the disk failed."""
+    fault = disk_fault(exc, folder)
+    if fault is not None:
+        return SlideOutcome("error", error_line(fault, where), stop=True)
+    return SlideOutcome("error", error_line(exc, where))
 
 
 def error_line(exc: BaseException, where: str) -> str:
@@ -85,6 +126,9 @@ class SlideStage:
             "pass --overwrite to redo it or use another run folder"
         )
 
+    def check(self, row: dict) -> None:
+        """Cheap checks of the slide's inputs, before its lock is taken (raise on bad input)."""
+
     def plan(self, row: dict):
         """Check the slide's inputs and return a job for :meth:`run_one` (raise on bad input)."""
         return row
@@ -103,7 +147,7 @@ class SlideStage:
             try:
                 outcome = self.run_one(job)
             except Exception as exc:  # one bad slide must not stop the cohort
-                outcome = SlideOutcome("error", error_line(exc, self.where(job)))
+                outcome = error_outcome(exc, self.where(job), self.folder.path)
             yield i, outcome
 
     def where(self, job) -> str:
@@ -121,7 +165,7 @@ class _Claim:
 
 
 class _Run:
-    """State of one :func:`run_slides` call: the log, the results, progress."""
+    """State of one :func:`run_slides` call: the log, the results, progress, a stop."""
 
     def __init__(self, stage: SlideStage, *, overwrite: bool, console, advance):
         self.stage = stage
@@ -130,38 +174,75 @@ class _Run:
         self.advance = advance
         self.log = StatusLog(stage.folder.status_file)
         self.rows: list[dict] = []
+        self.stopped: str | None = None  # why the stage stopped early
+
+    def say(self, text: str) -> None:
+        if self.console is not None:
+            from rich.markup import escape
+
+            # One line, as written: no markup from the message, no wrapping at the console width.
+            self.console.print(escape(text), highlight=False, soft_wrap=True)
+
+    def write_status(self, sid: str, status: str, message: str = "", seconds=0.0, **values):
+        """Append a status line; a disk that cannot take it stops the stage."""
+        try:
+            self.log.write(sid, status, message, seconds, **values)
+        except OSError as exc:
+            self.say(f"error {error_line(exc, str(self.log.path))}")
+            if self.stopped is None:
+                self.stopped = error_line(exc, str(self.log.path))
 
     def finish(self, row: dict, outcome: SlideOutcome, t0: float) -> None:
         sid = str(row["slide_id"])
         values = {**self.stage.columns, **outcome.values}
         seconds = values.pop("seconds", None)
         seconds = round(time.perf_counter() - t0 if seconds is None else seconds, 3)
-        self.log.write(sid, outcome.status, outcome.message, seconds, **values)
+        if outcome.status == "error":
+            self.say(f"error {outcome.message}")
+        if outcome.stop and self.stopped is None:
+            self.stopped = outcome.message
+        self.write_status(sid, outcome.status, outcome.message, seconds, **values)
         self.rows.append(
             {"slide_id": sid, "status": outcome.status, "message": outcome.message,
              "seconds": seconds, **values}
         )  # fmt: skip
-        if outcome.status == "error" and self.console is not None:
-            from rich.markup import escape
-
-            # One line, as written: no markup from the message, no wrapping at the console width.
-            self.console.print(
-                f"[red]error[/red] {escape(outcome.message)}", highlight=False, soft_wrap=True
-            )
         self.advance()
+
+    def not_run(self, row: dict) -> None:
+        """A slide not started because the stage stopped (no status line: nothing happened)."""
+        self.rows.append(
+            {"slide_id": str(row["slide_id"]), "status": "not_run", "seconds": 0.0,
+             "message": f"not started: the stage stopped ({self.stopped})", **self.stage.columns}
+        )  # fmt: skip
+
+    def precheck(self, row: dict) -> SlideOutcome | None:
+        """Lock-free: a complete output is skipped, bad input is an error; else None."""
+        stage = self.stage
+        try:
+            if not self.overwrite:
+                state, values = stage.state(row)
+                if state == "complete":
+                    return SlideOutcome("skipped", "complete output exists", values)
+            stage.check(row)
+        except Exception as exc:
+            return error_outcome(exc, stage.where(row), stage.folder.path)
+        return None
 
     def claim(self, row: dict) -> _Claim | SlideOutcome:
         """Lock the slide and plan it, or say why not."""
         stage, sid = self.stage, str(row["slide_id"])
+        early = self.precheck(row)
+        if early is not None:
+            return early
         try:
             lock = SlideLock(stage.folder.lock_file(sid))
             if not lock.acquire():
                 return SlideOutcome("skipped", "in progress elsewhere")
         except Exception as exc:
-            return SlideOutcome("error", error_line(exc, sid))
+            return error_outcome(exc, sid, stage.folder.path)
         try:
             if any([remove_partial(p) for p in stage.outputs(row)]):
-                self.log.write(
+                self.write_status(
                     sid, "interrupted", "an earlier attempt stopped before it finished; "
                     "its partial output was removed",
                 )  # fmt: skip
@@ -175,7 +256,7 @@ class _Run:
             return _Claim(row, stage.plan(row), lock, time.perf_counter())
         except Exception as exc:
             lock.release()
-            return SlideOutcome("error", error_line(exc, stage.where(row)))
+            return error_outcome(exc, stage.where(row), stage.folder.path)
 
     def run_window(self, claims: list[_Claim]) -> None:
         """Run claimed slides; every one of them ends with a status line and an unlocked slide."""
@@ -185,15 +266,36 @@ class _Run:
                 claims[i].lock.release()
                 self.finish(claims[i].row, outcome, claims[i].t0)
                 done.add(i)
+                if self.stopped is not None:  # the others are not started (not_run)
+                    break
         except Exception as exc:  # the stage broke for the whole window
-            msg = error_line(exc, f"{self.stage.name} window of {len(claims)} slide(s)")
+            where = f"{self.stage.name} window of {len(claims)} slide(s)"
+            outcome = error_outcome(exc, where, self.stage.folder.path)
             for i, c in enumerate(claims):
-                if i not in done:
+                if i not in done and self.stopped is None:
                     c.lock.release()
-                    self.finish(c.row, SlideOutcome("error", msg), c.t0)
+                    self.finish(c.row, outcome, c.t0)
         finally:
             for c in claims:
                 c.lock.release()
+
+
+def _start(folder: StageFolder, settings) -> None:
+    """Make the stage's folder and write its ``config.yaml``, or say in one line why not."""
+    import yaml
+
+    from .store import write_text_atomic
+
+    try:
+        folder.path.mkdir(parents=True, exist_ok=True)
+        if settings is not None:
+            text = yaml.safe_dump(settings.model_dump(), sort_keys=False)
+            write_text_atomic(folder.config_file, text)
+    except OSError as exc:
+        raise RunFolderError(
+            f"{folder.path}: cannot write the stage's folder ({exc.strerror}); "
+            "make the run folder writable (or free space) and run the command again"
+        ) from exc
 
 
 def run_slides(
@@ -203,23 +305,33 @@ def run_slides(
     overwrite: bool = False,
     console=None,
     label: str | None = None,
+    settings=None,
 ) -> pd.DataFrame:
     """Run ``stage`` over every slide of ``manifest``.
+
+    ``settings`` (the stage's config section) is written to the stage's ``config.yaml`` first.
 
     Returns
     -------
     DataFrame, one row per slide: slide_id, status, message, seconds and the stage's columns.
+
+    Raises
+    ------
+    RunFolderError
+        The stage's folder cannot be written at all (nothing was done).
     """
     from .manifest import check_columns
     from .progress import progress_bar
 
     check_columns(manifest)
-    stage.folder.path.mkdir(parents=True, exist_ok=True)
+    _start(stage.folder, settings)
     claims: list[_Claim] = []
     with progress_bar(console, label or stage.name, len(manifest)) as advance:
         run = _Run(stage, overwrite=overwrite, console=console, advance=advance)
         try:
             for row in _rows(manifest):
+                if run.stopped is not None:
+                    break
                 t0 = time.perf_counter()
                 got = run.claim(row)
                 if isinstance(got, SlideOutcome):
@@ -229,18 +341,28 @@ def run_slides(
                 if stage.window_full([c.job for c in claims]):
                     window, claims = claims, []
                     run.run_window(window)
-            if claims:
+            if claims and run.stopped is None:
                 window, claims = claims, []
                 run.run_window(window)
         finally:
             for c in claims:  # interrupted before the window ran
                 c.lock.release()
+        if run.stopped is not None:
+            ended = {r["slide_id"] for r in run.rows}
+            for row in _rows(manifest):
+                if row["slide_id"] not in ended:
+                    run.not_run(row)
     columns = ["slide_id", "status", "message", "seconds", *stage.columns]
-    return pd.DataFrame(run.rows, columns=columns)
+    result = pd.DataFrame(run.rows, columns=columns)
+    result.attrs["stopped"] = run.stopped
+    return result
 
 
 def _rows(manifest: pd.DataFrame) -> Iterable[dict]:
-    for row in manifest.to_dict("records"):
+    """The manifest's rows as dicts, one at a time (any column name works as a key)."""
+    columns = list(manifest.columns)
+    for values in zip(*(manifest[c] for c in columns), strict=True):
+        row = dict(zip(columns, values, strict=True))
         row["slide_id"] = str(row["slide_id"])
         yield row
 
@@ -264,4 +386,5 @@ def summarise(console, results: pd.DataFrame, title: str, columns: list[str]) ->
 
 
 def n_failed(results: pd.DataFrame) -> int:
-    return int((results["status"] == "error").sum())
+    """Slides that failed or were not started because the stage stopped."""
+    return int(results["status"].isin(["error", "not_run"]).sum())

@@ -99,7 +99,11 @@ class PendingStore(Pending):
         import zarr
 
         super().__init__(final_path)
-        self.group = zarr.open_group(str(self.path), mode="w", zarr_format=3)
+        try:
+            self.group = zarr.open_group(str(self.path), mode="w", zarr_format=3)
+        except BaseException:
+            self.abort()
+            raise
 
 
 @contextmanager

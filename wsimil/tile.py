@@ -14,6 +14,7 @@ mpp and at level 0, read level, thresholds, config hash, reader). A QC image
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,9 +22,9 @@ import numpy as np
 import pandas as pd
 
 from . import __version__
-from .config import TileConfig, save_config
+from .config import TileConfig
 from .layout import RunLayout
-from .manifest import mpp_override
+from .manifest import MPP_RANGE, mpp_override
 from .runner import SlideOutcome, SlideStage, run_slides
 from .slide import Slide, SlideError, open_slide
 from .store import atomic_output, atomic_store, config_hash, store_attrs, write_array
@@ -54,6 +55,12 @@ def tile_geometry(slide: Slide, cfg: TileConfig) -> TileGeometry:
         raise SlideError(
             f"{slide.path}: the slide has no microns-per-pixel metadata; fill the 'mpp' column "
             "of the manifest for this slide"
+        )
+    lo, hi = MPP_RANGE
+    if not lo <= slide.mpp <= hi:
+        raise SlideError(
+            f"{slide.path}: the slide's own mpp {slide.mpp:g} is outside the plausible range "
+            f"({lo}-{hi} µm per level-0 pixel); give the right value in the manifest's 'mpp' column"
         )
     scale = cfg.target_mpp / slide.mpp  # level-0 px per target px
     tile0 = max(1, round(cfg.tile_px * scale))
@@ -241,18 +248,23 @@ class TileStage(SlideStage):
             return "changed", {}
         return "complete", {"n_tiles": int(attrs.get("n_tiles", 0))}
 
+    def check(self, row) -> None:
+        path = row.get("path")
+        if path is None or (isinstance(path, float) and path != path):
+            raise SlideError(
+                f"{row['slide_id']}: empty 'path' in the manifest; give the slide file"
+            )
+        if not os.path.exists(path):
+            raise SlideError(f"{path}: no such file (slide {row['slide_id']}); fix its 'path' cell")
+        mpp_override(row)
+
     def plan(self, row):
         mask_file = None
         if self.mask:
             from .annotations import resolve_mask_path
 
             mask_file = resolve_mask_path(str(self.mask), row["slide_id"])
-        mpp = mpp_override(row)
-        if mpp is not None and not mpp > 0:
-            raise SlideError(
-                f"{row['path']}: mpp {mpp} in the manifest is not positive; fix the 'mpp' column"
-            )
-        return {"row": row, "mask_file": mask_file, "mpp": mpp}
+        return {"row": row, "mask_file": mask_file, "mpp": mpp_override(row)}
 
     def run_one(self, job) -> SlideOutcome:
         row, cfg = job["row"], self.cfg
@@ -297,9 +309,7 @@ def run_tile(
     DataFrame, one row per slide: slide_id, status, message, seconds, n_tiles, tissue_mm2.
     """
     stage = TileStage(RunLayout(out_dir), cfg, mask=mask)
-    stage.folder.path.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, stage.folder.config_file)
-    return run_slides(stage, manifest, overwrite=overwrite, console=console)
+    return run_slides(stage, manifest, overwrite=overwrite, console=console, settings=cfg)
 
 
 def _write_tile_store(

@@ -1,0 +1,60 @@
+"""Why a slide has no input for this stage: what the earlier stages logged about it.
+
+A slide that failed at ``tile`` has no tile store; ``embed``, ``heatmap``, the report and the
+review page then give the real cause ("`wsimil tile` failed for it: <its error>") instead of
+"run wsimil tile first". Each earlier stage's ``status.jsonl`` is read once, when first needed.
+"""
+
+from __future__ import annotations
+
+from .layout import RunLayout, StageFolder
+from .store import StatusLog
+
+ENDED = ("ok", "empty", "error")
+
+
+class EarlierStages:
+    """The last ended status of each slide in earlier stages, in pipeline order.
+
+    Parameters
+    ----------
+    stages : sequence of (command, StageFolder)
+        Earliest first, e.g. ``[("tile", layout.tiles), ("embed", layout.features(encoder))]``:
+        the cause given is the earliest stage that failed for the slide (the root cause).
+    """
+
+    def __init__(self, stages):
+        self.stages = list(stages)
+        self._last: dict[str, dict[str, dict]] = {}
+
+    def _latest(self, command: str, folder: StageFolder) -> dict[str, dict]:
+        if command not in self._last:
+            last: dict[str, dict] = {}
+            for line in StatusLog(folder.status_file).read():
+                if line.get("status") in ENDED:
+                    last[str(line.get("slide_id"))] = line
+            self._last[command] = last
+        return self._last[command]
+
+    def cause(self, slide_id: str) -> str | None:
+        """``"`wsimil tile` failed for it: <message>"`` for the earliest stage that failed, else None."""
+        for command, folder in self.stages:
+            line = self._latest(command, folder).get(slide_id)
+            if line is not None and line.get("status") == "error":
+                return f"`wsimil {command}` failed for it: {line.get('message', '')}"
+        return None
+
+    def missing(self, slide_id: str, what: str, command: str) -> str:
+        """One line for a slide without ``what``: the earlier failure, or which command to run."""
+        cause = self.cause(slide_id)
+        if cause is not None:
+            return f"{slide_id}: no {what}; {cause}"
+        return f"{slide_id}: no {what}; run `{command}` first"
+
+
+def before_embed(layout: RunLayout) -> EarlierStages:
+    return EarlierStages([("tile", layout.tiles)])
+
+
+def before_heatmap(layout: RunLayout, encoder: str) -> EarlierStages:
+    return EarlierStages([("tile", layout.tiles), ("embed", layout.features(encoder))])
