@@ -115,7 +115,10 @@ def test_any_column_name_works_as_the_label_column(tmp_path):
     "yaml_text, expected",
     [
         ("tile: {tile_size: 128}\n", "c.yaml: tile.tile_size: unknown setting; known: "),
-        ("tile: {tile_px: 0}\n", "c.yaml: tile.tile_px = 0: input should be greater than or equal to 16"),
+        (
+            "tile: {tile_px: 0}\n",
+            "c.yaml: tile.tile_px = 0: input should be greater than or equal to 16",
+        ),
         ("tile: {tile_px: big}\n", "c.yaml: tile.tile_px = 'big': input should be a valid integer"),
         (
             "train: {epochs: [1, 2]}\n",

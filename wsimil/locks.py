@@ -24,12 +24,15 @@ class SlideLock:
         self.path = Path(path)
         self._fd: int | None = None
 
-    def acquire(self) -> bool:
-        """True when this process now holds the lock; False when another process does."""
+    def acquire(self, *, wait: bool = False) -> bool:
+        """True when this process now holds the lock; False when another process does.
+
+        With ``wait``, block until the lock is free (for short cohort-wide steps).
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             return False

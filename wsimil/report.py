@@ -116,8 +116,21 @@ def write_report(
     -------
     dict: the cohort summary (see :func:`cohort_summary`) and ``files`` written.
     """
+    from .locks import SlideLock
+
     folder = layout.heatmaps(model_name).path
     folder.mkdir(parents=True, exist_ok=True)
+    # One writer at a time, each reading the records after taking the lock: the report written
+    # last always saw every slide finished before it (no name of a slide starts with '.').
+    lock = SlideLock(folder / ".locks" / ".report.lock")
+    lock.acquire(wait=True)
+    try:
+        return _write_report(layout, model_name, manifest, folder, review_page=review_page)
+    finally:
+        lock.release()
+
+
+def _write_report(layout, model_name, manifest, folder: Path, *, review_page: bool) -> dict:
     records = slide_records(layout, model_name, [str(s) for s in manifest["slide_id"]])
     ok = [r for r in records if r["status"] == "ok"]
     table = pd.DataFrame([{c: r.get(c) for c in PREDICTION_COLUMNS} for r in ok],
