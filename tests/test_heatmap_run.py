@@ -177,6 +177,27 @@ def test_instance_models_export_instance_scores(cohort):
     assert not (hm / "index.html").exists() and not (hm / "slides" / sid / "top").exists()
 
 
+@pytest.mark.parametrize("pooling", ["embedding_mean", "embedding_max"])
+def test_embedding_poolings_score_and_map_each_tile_contribution(cohort, pooling):
+    run, manifest, lesions = cohort
+    cfg = TrainConfig(name=pooling, model=pooling, epochs=15, hidden_dim=16, dropout=0.0, seed=0)
+    run_train(manifest, run, cfg, encoder=ENC)
+    positive = manifest[manifest.label == 1].head(2)
+    res = run_heatmap(
+        positive, run, HeatmapConfig(thumbnail_px=96, top_k=0, pyramid_tiff=False,
+        review_page=False), model_name=pooling,
+    )  # fmt: skip
+    assert (res.status == "ok").all(), res.message.tolist()
+    assert res.probability.between(0, 1).all()
+    for sid in positive.slide_id:
+        t = pd.read_csv(run / "heatmaps" / pooling / "slides" / sid / f"{sid}.csv")
+        assert t.attention.between(0, 1).all() and t.instance_score.isna().all()
+        if pooling == "embedding_max":  # shares of the pooled dimensions
+            assert t.attention.sum() == pytest.approx(1.0, abs=1e-5)
+        on = lesions[sid].astype(bool)
+        assert t.attention[on].mean() > t.attention[~on].mean()  # the map points at the lesion
+
+
 def test_a_slide_with_no_tiles_gets_status_empty_and_a_plain_thumbnail(cohort, tmp_path):
     src, manifest, _ = cohort
     run = tmp_path / "run"

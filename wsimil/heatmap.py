@@ -67,7 +67,8 @@ def slide_scores(model, std, features: np.ndarray) -> tuple[float, dict[str, np.
     -------
     probability : float
     per_tile : dict of (N,) arrays: ``attention`` (raw weight; for instance models the instance
-        score), ``attention_scaled`` (min-max per slide), ``rank``, and ``instance_score``
+        score; for embedding poolings each tile's contribution, :class:`wsimil.mil.MILOutput`),
+        ``attention_scaled`` (min-max per slide), ``rank``, and ``instance_score``
         (NaN for attention models).
     """
     import torch
@@ -78,9 +79,12 @@ def slide_scores(model, std, features: np.ndarray) -> tuple[float, dict[str, np.
     if out.attention is not None:
         att = out.attention[0].float().numpy()
         inst = np.full(len(att), np.nan, np.float32)
-    else:
+    elif out.instance_scores is not None:
         inst = out.instance_scores[0].float().numpy()
         att = inst
+    else:  # embedding poolings: each tile's part in the pooled vector (see MILOutput)
+        att = out.contributions[0].float().numpy()
+        inst = np.full(len(att), np.nan, np.float32)
     return prob, {
         "attention": att.astype(np.float32),
         "attention_scaled": minmax(att),

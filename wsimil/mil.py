@@ -37,11 +37,17 @@ class MILOutput:
         instances, exactly 0 on padding.
     instance_scores : Tensor, shape (B, N), optional
         Instance probabilities (instance-level poolings); 0 on padding.
+    contributions : Tensor, shape (B, N), optional
+        Embedding poolings, in eval mode only: each instance's part in the pooled vector
+        (``embedding_mean``: the bag probability the instance alone would give, whose logits
+        average to the bag's when the classifier is linear; ``embedding_max``: the share of the
+        pooled vector's dimensions whose maximum the instance supplies); 0 on padding.
     """
 
     logits: torch.Tensor
     attention: torch.Tensor | None = None
     instance_scores: torch.Tensor | None = None
+    contributions: torch.Tensor | None = None
 
 
 def register_mil(name: str):
@@ -211,7 +217,14 @@ class EmbeddingMax(MILModel):
         mask = check_mask(x, mask)
         h = self.f(x).float().masked_fill(~mask[..., None], float("-inf"))
         z = h.amax(dim=1)
-        return MILOutput(logits=self.g(z).squeeze(-1))
+        out = MILOutput(logits=self.g(z).squeeze(-1))
+        if not self.training:  # which instances supply the pooled maxima
+            arg = h.argmax(dim=1)  # (B, D)
+            counts = torch.zeros(mask.shape, device=h.device).scatter_add_(
+                1, arg, torch.ones_like(arg, dtype=torch.float32)
+            )
+            out.contributions = counts / h.shape[-1]
+        return out
 
 
 @register_mil("embedding_mean")
@@ -222,7 +235,11 @@ class EmbeddingMean(MILModel):
         mask = check_mask(x, mask)
         h = self.f(x).float().masked_fill(~mask[..., None], 0.0)
         z = h.sum(dim=1) / mask.sum(dim=1, keepdim=True)
-        return MILOutput(logits=self.g(z).squeeze(-1))
+        out = MILOutput(logits=self.g(z).squeeze(-1))
+        if not self.training:  # the bag probability each instance alone would give
+            p = torch.sigmoid(self.g(h).squeeze(-1).float())
+            out.contributions = p.masked_fill(~mask, 0.0)
+        return out
 
 
 @register_mil("attention")
