@@ -1,5 +1,7 @@
 """Training: splits that respect cases, metrics, and learning a real MIL signal."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -160,3 +162,18 @@ def test_bags_over_the_memory_budget_are_read_from_their_stores_with_the_same_re
     assert [i for i, _ in tensors.items(order)] == order  # read-ahead keeps the order asked for
     for i, x in tensors.items(order):
         np.testing.assert_array_equal(x.numpy(), std_b(bags[10 + i].features).numpy())
+
+
+def test_small_heads_train_on_one_thread_and_the_process_keeps_its_threads():
+    from wsimil.train import train_threads
+
+    small, _ = make_bags(8)
+    big = [Bag("big", np.zeros((20_000, 64), np.float32), 1, "c")]
+    cores = len(os.sched_getaffinity(0))
+    assert train_threads(TrainConfig(), small) == 1
+    assert train_threads(TrainConfig(), big) == cores
+    assert train_threads(TrainConfig(max_instances=1000), big) == 1  # 1000 x 64 per step
+    assert train_threads(TrainConfig(threads=3), small) == 3
+    torch.set_num_threads(2)
+    fit(small[:6], small[6:], TrainConfig(epochs=1, hidden_dim=8, attention_dim=4))
+    assert torch.get_num_threads() == 2  # training on 1 thread left the process's setting alone

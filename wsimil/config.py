@@ -125,6 +125,11 @@ class TrainConfig(_Section):
         "class_weight",
         description="class imbalance: positive-class loss weight, balanced sampling, or nothing",
     )
+    threads: int = Field(
+        0,
+        ge=0,
+        description="CPU threads for training (0: auto, 1 for bags of at most 1M feature values, else every CPU this process may use)",
+    )
 
 
 class HeatmapConfig(_Section):
