@@ -36,3 +36,16 @@ def test_flags_override_the_file_and_unknown_keys_are_refused(tmp_path):
     f.write_text("tile: {tile_size: 128}\n")
     with pytest.raises(ValueError, match="tile_size"):
         load_config(f)
+
+
+@pytest.mark.parametrize("dataset, flags", [("musk1", {}), ("elephant", {"weight_decay": 0.001})])
+def test_the_documented_cli_command_gives_the_reproduction_scripts_settings(dataset, flags):
+    import importlib.util
+
+    path = CONFIGS.parent / "benchmarks" / "reproduce_table1.py"
+    spec = importlib.util.spec_from_file_location("reproduce_table1", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    ref = script.paper_config(dataset, "gated_attention", folds=10, repeats=5, seed=0)
+    cli = load_config(CONFIGS / "paper_mil.yaml", train={"model": "gated_attention", **flags})
+    assert cli.train.model_dump() == ref.model_dump()
