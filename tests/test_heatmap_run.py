@@ -6,6 +6,7 @@ embed stage's store contract (a lesion signal in a few dimensions), so no CNN ha
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -152,7 +153,7 @@ def test_bad_input_fails_per_slide_with_a_clear_message_and_the_rest_goes_on(coh
     pred = pd.read_csv(hm / "predictions.csv")
     assert set(pred.slide_id) == set(ids) - {missing, other_enc, moved}
 
-    with pytest.raises(FileNotFoundError, match="no trained model 'nope'"):
+    with pytest.raises(FileNotFoundError, match="models/nope: no trained model there"):
         run_heatmap(manifest, run, HeatmapConfig(), model_name="nope")
 
 
@@ -297,3 +298,73 @@ def test_per_slide_jobs_write_only_their_slide_and_report_assembles_the_cohort(c
     assert all(f'href="slides/{sid}/{sid}.html"' in index for sid in ids[:3])
     assert all(f'id="row-{sid}"' in index for sid in ids)  # not-yet-run slides listed too
     assert "no heatmap yet" in index
+
+
+def _tree(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")}
+
+
+def test_cv_leaves_an_ensemble_that_scores_another_unlabelled_cohort_from_where_it_lives(
+    cohort, tmp_path
+):
+    from wsimil.checkpoint import load_checkpoint
+    from wsimil.deploy import load_model
+    from wsimil.store import open_store
+
+    run, manifest, lesions = cohort
+    cfg = TrainConfig(name="cv3", protocol="cv", n_folds=3, epochs=10, hidden_dim=16,
+                      attention_dim=8, dropout=0.0, seed=0)  # fmt: skip
+    run_train(manifest, run, cfg, encoder=ENC)
+    model_dir = run / "models" / "cv3"
+    card = json.loads((model_dir / "card.json").read_text())
+    assert card["kind"] == "ensemble" and len(card["members"]) == 3
+    assert card["features"]["encoder"]["name"] == ENC and card["features"]["tiles"]["tile_px"] == 32
+    assert card["training"]["n_slides"] == len(manifest) and card["threshold"] == 0.5
+
+    # Another cohort, another folder, no labels: the model is used where it lives.
+    other = tmp_path / "other"
+    for d in ("tiles", "features"):
+        shutil.copytree(run / d, other / d)
+    unlabelled = manifest.drop(columns=["label"]).head(4)
+    before = _tree(model_dir)
+    res = run_heatmap(unlabelled, other, HeatmapConfig(thumbnail_px=96, top_k=0,
+                      pyramid_tiff=False), model_name=str(model_dir))  # fmt: skip
+    assert (res.status == "ok").all(), res.message.tolist()
+    assert _tree(model_dir) == before  # nothing written into the model folder
+    out = other / "heatmaps" / "cv3"
+    assert (out / "index.html").exists() and len(pd.read_csv(out / "predictions.csv")) == 4
+    # The ensemble's probability is the mean of its members'.
+    sid = unlabelled.slide_id.iloc[0]
+    feats = np.asarray(open_store(other / "features" / ENC / f"{sid}.zarr")["features"][...],
+                       dtype=np.float32)  # fmt: skip
+    members = [load_checkpoint(model_dir / m) for m in card["members"]]
+    import torch
+
+    with torch.inference_mode():
+        probs = [float(torch.sigmoid(m(s(feats).unsqueeze(0)).logits)[0]) for m, s, _ in members]
+    assert res.set_index("slide_id").probability[sid] == pytest.approx(np.mean(probs), abs=1e-6)
+    assert load_model(model_dir).score(feats)[0] == pytest.approx(np.mean(probs), abs=1e-6)
+
+
+def test_features_of_another_tile_size_or_encoder_weights_are_refused_per_slide(cohort, tmp_path):
+    import zarr
+
+    run, manifest, _ = cohort
+    other = tmp_path / "other"
+    for d in ("tiles", "features"):
+        shutil.copytree(run / d, other / d)
+    ids = manifest.slide_id.tolist()[:3]
+    g = zarr.open_group(str(other / "features" / ENC / f"{ids[0]}.zarr"), mode="r+")
+    g.attrs["tiles"] = {**g.attrs["tiles"], "tile_px": 64}
+    g = zarr.open_group(str(other / "features" / ENC / f"{ids[1]}.zarr"), mode="r+")
+    g.attrs["encoder"] = {**g.attrs["encoder"], "weights_id": "other-weights"}
+    res = run_heatmap(manifest.head(3), other, HeatmapConfig(thumbnail_px=96, top_k=0,
+                      pyramid_tiff=False, review_page=False),
+                      model_name=str(run / "models" / "gated_attention")).set_index("slide_id")  # fmt: skip
+    assert res.status[ids[2]] == "ok"
+    assert res.status[ids[0]] == "error" and "tiles tile_px=64" in res.message[ids[0]]
+    assert "the model was trained on 32" in res.message[ids[0]]
+    assert (
+        res.status[ids[1]] == "error"
+        and "encoder weights_id='other-weights'" in res.message[ids[1]]
+    )

@@ -204,7 +204,7 @@ def train(run_dir, manifest, config_file, encoder, bag_table, memory_budget_gb, 
     "--model",
     "model_name",
     default=None,
-    help="Model folder under RUN_DIR/models [the config's train name].",
+    help="Model: a name under RUN_DIR/models, or the path of a model folder anywhere (e.g. another run's) [the config's train name].",
 )
 @OVERWRITE
 @SHARD
@@ -218,7 +218,7 @@ def heatmap(run_dir, manifest, config_file, model_name, overwrite, shard, slides
     manifest then writes the cohort's predictions.csv, summary.json and index.html (as
     `wsimil report` does).
     """
-    from .heatmap import run_heatmap
+    from .heatmap import model_location, run_heatmap
     from .layout import RunLayout
 
     cfg, df = _load(run_dir, manifest, config_file, overrides=overrides)
@@ -233,7 +233,8 @@ def heatmap(run_dir, manifest, config_file, model_name, overwrite, shard, slides
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc).splitlines()[0]) from exc
     if whole and cfg.heatmap.review_page:
-        console.print(f"review page: {RunLayout(run_dir).review_index(model_name)}")
+        name = model_location(RunLayout(run_dir), model_name)[1]
+        console.print(f"review page: {RunLayout(run_dir).review_index(name)}")
     _finish(console, result, "heatmap", [])
 
 

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from .config import HeatmapConfig
+from .deploy import check_features
 from .earlier import before_heatmap
 from .export import export_slide
 from .layout import HeatmapFiles, RunLayout
@@ -60,8 +61,8 @@ def percentile_rank(values: np.ndarray) -> np.ndarray:
     return (order / (n - 1)).astype(np.float32)
 
 
-def slide_scores(model, std, features: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
-    """Slide probability and per-tile scores.
+def slide_scores(predictor, features: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
+    """Slide probability and per-tile scores from a deployable model (:class:`wsimil.deploy.Predictor`).
 
     Returns
     -------
@@ -69,22 +70,16 @@ def slide_scores(model, std, features: np.ndarray) -> tuple[float, dict[str, np.
     per_tile : dict of (N,) arrays: ``attention`` (raw weight; for instance models the instance
         score; for embedding poolings each tile's contribution, :class:`wsimil.mil.MILOutput`),
         ``attention_scaled`` (min-max per slide), ``rank``, and ``instance_score``
-        (NaN for attention models).
+        (NaN for attention models). An ensemble averages each over its members.
     """
-    import torch
-
-    with torch.inference_mode():
-        out = model(std(features).unsqueeze(0))
-    prob = float(torch.sigmoid(out.logits)[0])
-    if out.attention is not None:
-        att = out.attention[0].float().numpy()
-        inst = np.full(len(att), np.nan, np.float32)
-    elif out.instance_scores is not None:
-        inst = out.instance_scores[0].float().numpy()
-        att = inst
+    prob, maps = predictor.score(features)
+    nan = np.full(len(features), np.nan, np.float32)
+    if maps["attention"] is not None:
+        att, inst = maps["attention"], nan
+    elif maps["instance_scores"] is not None:
+        att = inst = maps["instance_scores"]
     else:  # embedding poolings: each tile's part in the pooled vector (see MILOutput)
-        att = out.contributions[0].float().numpy()
-        inst = np.full(len(att), np.nan, np.float32)
+        att, inst = maps["contributions"], nan
     return prob, {
         "attention": att.astype(np.float32),
         "attention_scaled": minmax(att),
@@ -104,6 +99,20 @@ def _label(value):
     return value
 
 
+def model_location(layout: RunLayout, model: str) -> tuple[Path, str]:
+    """The model folder and the output name of ``--model``: a name under ``RUN/models`` or a path.
+
+    A path (anything with a ``/``) may be anywhere, e.g. another run's model folder; outputs go
+    to ``RUN/heatmaps/<its folder name>/`` and nothing is written into the model folder.
+    """
+    from .layout import check_name
+
+    if "/" in model or model in (".", ".."):
+        folder = Path(model).expanduser().resolve()
+        return folder, check_name(folder.name, what="model folder name")
+    return layout.model_dir(model), model
+
+
 class HeatmapStage(SlideStage):
     """``wsimil heatmap`` for :func:`wsimil.runner.run_slides`: one slide = one output folder."""
 
@@ -111,24 +120,23 @@ class HeatmapStage(SlideStage):
     columns = {"probability": np.nan, "prediction": -1, "label": None}
     changed = "other heatmap settings, model or features"
 
-    def __init__(self, layout: RunLayout, cfg: HeatmapConfig, model_name: str):
-        from .checkpoint import META_FILE, has_model, load_checkpoint
+    def __init__(self, layout: RunLayout, cfg: HeatmapConfig, model: str):
+        from .deploy import load_model
 
-        super().__init__(layout.heatmaps(model_name))
-        folder = layout.model_dir(model_name)
-        if not has_model(folder):
-            raise FileNotFoundError(
-                f"{folder / META_FILE}: no trained model {model_name!r}; run `wsimil train` first or pass --model"
-            )
-        self.layout, self.cfg, self.model_name = layout, cfg, model_name
-        self.model, self.std, self.meta = load_checkpoint(folder)  # never unpickles
-        self.encoder = self.meta["encoder"]
+        folder, self.model_name = model_location(layout, model)
+        super().__init__(layout.heatmaps(self.model_name))
+        self.layout, self.cfg = layout, cfg
+        self.predictor = load_model(folder)  # never unpickles
+        self.meta = self.predictor.meta
+        self.encoder = self.predictor.encoder_name
         self.label_column = self.meta["config"].get("label_column", "label")
         self.settings = {
             "stage": "heatmap",
             **cfg.model_dump(exclude={"review_page"}),
-            "model_sha256": config_hash(self.meta),  # model.json, which has the weights' SHA-256
-        }
+            # the card and every member's model.json, which holds its weights' SHA-256
+            "model_sha256": config_hash({"card": self.predictor.card,
+                                         "members": [m[2] for m in self.predictor.members]}),
+        }  # fmt: skip
 
     def outputs(self, row):
         return [self.layout.heatmap_slide(self.model_name, row["slide_id"]).folder]
@@ -171,6 +179,7 @@ class HeatmapStage(SlideStage):
         attrs = store_attrs(store)
         if attrs is None:
             raise self._no_features(sid)
+        check_features(self.predictor, attrs, sid)  # encoder weights, input, tile geometry
         name = attrs["encoder"]["name"]
         if name != self.encoder:
             raise SlideError(
@@ -207,7 +216,7 @@ class HeatmapStage(SlideStage):
 
     def _scored_slide(self, row, out: HeatmapFiles, label, feats, coords, tiles: dict) -> dict:
         sid = row["slide_id"]
-        prob, per_tile = slide_scores(self.model, self.std, feats)
+        prob, per_tile = slide_scores(self.predictor, feats)
         table = pd.DataFrame({"x": coords[:, 0], "y": coords[:, 1], **per_tile})
         table.to_csv(out.table, index=False)
         with open_slide(row["path"], mpp=mpp_override(row)) as slide:
@@ -229,7 +238,8 @@ class HeatmapStage(SlideStage):
             )
         return {
             "slide_id": sid, "status": "ok", "message": "", "probability": prob,
-            "prediction": int(prob >= 0.5), "label": label, "n_tiles": len(table),
+            "prediction": int(prob >= self.predictor.threshold), "label": label,
+            "n_tiles": len(table),
             "files": {**files, "table": out.table.name, "page": out.page.name},
         }  # fmt: skip
 
@@ -291,7 +301,8 @@ def run_heatmap(
     Raises
     ------
     FileNotFoundError
-        No trained model (``models/<model_name>/model.json``) for ``model_name``.
+        No trained model at ``model_name``: a name under ``RUN/models`` or the path of a model
+        folder anywhere (:func:`model_location`).
     ValueError
         The model files are refused (a legacy pickled ``checkpoint.pt``, or damaged files).
     """
@@ -301,5 +312,5 @@ def run_heatmap(
     if report:
         from .report import write_report
 
-        write_report(layout, model_name, manifest, review_page=cfg.review_page)
+        write_report(layout, stage.model_name, manifest, review_page=cfg.review_page)
     return result

@@ -61,8 +61,14 @@ def _earlier(layout: RunLayout, model_name: str):
     """The earlier stages of a model's slides (its encoder's features, the tiles), if known."""
     from .earlier import before_heatmap
 
+    folder = layout.model_dir(model_name)
     try:
-        meta = json.loads((layout.model_dir(model_name) / "model.json").read_text("utf-8"))
+        card = json.loads((folder / "card.json").read_text("utf-8"))
+        return before_heatmap(layout, str(card["features"]["encoder"]["name"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        meta = json.loads((folder / "model.json").read_text("utf-8"))
         return before_heatmap(layout, str(meta["encoder"]))
     except (OSError, ValueError, KeyError, TypeError):
         return None

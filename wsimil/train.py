@@ -23,6 +23,7 @@ from .bags import Bag, BagTensors, Standardiser, load_slide_bags, read_mil_table
 from .checkpoint import has_model, load_checkpoint, model_kwargs, save_checkpoint
 from .config import TrainConfig, save_config
 from .cv import METRIC_COLUMNS, Fold, binary_metrics, make_folds, summarise_metrics
+from .deploy import manifest_digest, training_features, write_card
 from .layout import RunLayout
 from .mil import create_mil
 
@@ -261,8 +262,14 @@ def train_bags(
     split_values: dict[str, str] | None = None,
     memory_budget_gb: float = 8.0,
     console=None,
+    features: dict | None = None,
+    training: dict | None = None,
 ) -> dict:
     """Run ``cfg.protocol`` on bags: the one code path of slide cohorts and bag tables.
+
+    Ends with ``card.json`` (:mod:`wsimil.deploy`), written last: the deployable model, for
+    every protocol (the ensemble of the fold models after CV), with ``features`` (the encoder
+    and tile geometry of the training features) and ``training`` (cohort facts) in it.
 
     Writes to ``model_dir``: ``config.yaml``; per fold ``folds/r<repeat>_f<fold>/``
     ``model.safetensors`` + ``model.json`` (:mod:`wsimil.checkpoint`) and ``history.csv`` (a
@@ -322,7 +329,19 @@ def train_bags(
     for c in METRIC_COLUMNS:
         out[c] = float(summary.loc[0, c])
         out[f"{c}_std"] = float(summary.loc[1, c])
+    _write_card(model_dir, folds, cfg, n_bags=len(bags), features=features, training=training,
+                metrics={k: v for k, v in out.items() if k != "model_dir"})  # fmt: skip
     return out
+
+
+def _write_card(model_dir, folds, cfg, *, n_bags, features, training, metrics) -> None:
+    """The deployable model: the single model, or after CV the ensemble of the fold models."""
+    members = ["."] if len(folds) == 1 else [f"folds/r{f.repeat}_f{f.fold}" for f in folds]
+    write_card(
+        model_dir, kind="single" if len(folds) == 1 else "ensemble", members=members, cfg=cfg,
+        features=features, training={**(training or {}), "n_bags": n_bags,
+        "protocol": cfg.protocol}, metrics=metrics,
+    )  # fmt: skip
 
 
 def run_train(
@@ -363,6 +382,8 @@ def run_train(
         split_values=split_values,
         memory_budget_gb=memory_budget_gb,
         console=console,
+        features=training_features(layout, encoder, [b.bag_id for b in bags]),
+        training={"n_slides": len(bags), "manifest_sha256": manifest_digest(manifest)},
     )
     return {**res, "skipped": skipped}
 
