@@ -368,3 +368,41 @@ def test_features_of_another_tile_size_or_encoder_weights_are_refused_per_slide(
         res.status[ids[1]] == "error"
         and "encoder weights_id='other-weights'" in res.message[ids[1]]
     )
+
+
+def test_predict_scores_an_external_cohort_with_metrics_intervals_and_plots(cohort, tmp_path):
+    run, manifest, _ = cohort
+    other = tmp_path / "external"
+    for d in ("tiles", "features"):
+        shutil.copytree(run / d, other / d)
+    m = tmp_path / "external.csv"
+    manifest.to_csv(m, index=False)
+    model_dir = run / "models" / "gated_attention"
+    before = _tree(model_dir)
+    p = _cli("predict", other, "--manifest", m, "--model", model_dir, "--bootstrap", 200)
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err
+    assert _tree(model_dir) == before  # nothing written into the model folder
+    out = other / "predictions" / "gated_attention"
+    pred = pd.read_csv(out / "predictions.csv")
+    assert sorted(pred.slide_id) == sorted(manifest.slide_id) and set(pred.split) == {"external"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    auc = metrics["metrics"]["auc"]
+    assert auc["ci95"][0] <= auc["value"] <= auc["ci95"][1]
+    assert metrics["n_slides"] == len(manifest) and 0 <= metrics["ece"] <= 1
+    assert (out / "roc.png").stat().st_size > 1000 and (out / "calibration.png").exists()
+    sid = manifest.slide_id.iloc[0]
+    tiles = pd.read_csv(out / "slides" / sid / "tiles.csv")
+    assert tiles.attention.sum() == pytest.approx(1.0, abs=1e-3)
+    # Without labels: scores, no metrics.
+    unlabelled = tmp_path / "unlabelled.csv"
+    manifest.drop(columns=["label"]).to_csv(unlabelled, index=False)
+    other2 = tmp_path / "external2"
+    for d in ("tiles", "features"):
+        shutil.copytree(run / d, other2 / d)
+    p = _cli("predict", other2, "--manifest", unlabelled, "--model", model_dir)
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err
+    out2 = other2 / "predictions" / "gated_attention"
+    assert len(pd.read_csv(out2 / "predictions.csv")) == len(manifest)
+    assert not (out2 / "metrics.json").exists()

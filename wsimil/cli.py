@@ -43,6 +43,7 @@ def main():
       wsimil tile RUN_DIR      tissue mask + tile grid      -> RUN_DIR/tiles/
       wsimil embed RUN_DIR     frozen CNN features          -> RUN_DIR/features/<encoder>/
       wsimil train RUN_DIR     attention MIL head           -> RUN_DIR/models/<name>/
+      wsimil predict RUN_DIR   scores (+ metrics with labels) -> RUN_DIR/predictions/<name>/
       wsimil heatmap RUN_DIR   predictions + overlays       -> RUN_DIR/heatmaps/<name>/
       wsimil report RUN_DIR    cohort predictions + review page from the heatmaps
     `wsimil demo` generates a sample cohort and runs all four.
@@ -236,6 +237,47 @@ def heatmap(run_dir, manifest, config_file, model_name, overwrite, shard, slides
         name = model_location(RunLayout(run_dir), model_name)[1]
         console.print(f"review page: {RunLayout(run_dir).review_index(name)}")
     _finish(console, result, "heatmap", [])
+
+
+@main.command()
+@RUN_DIR
+@MANIFEST
+@CONFIG
+@click.option(
+    "--model",
+    "model_name",
+    required=True,
+    help="A name under RUN_DIR/models, or the path of a model folder anywhere (e.g. another run's).",
+)
+@click.option(
+    "--bootstrap",
+    default=1000,
+    show_default=True,
+    help="Bootstrap replicates of the 95% intervals.",
+)
+@OVERWRITE
+@SHARD
+@SLIDES
+def predict(run_dir, manifest, config_file, model_name, bootstrap, overwrite, shard, slides):
+    """Score a cohort with a trained model -> RUN_DIR/predictions/<model>/ (labels optional).
+
+    With labels: metrics.json (AUC, balanced accuracy, F1, sensitivity, specificity with 95%
+    bootstrap intervals over cases, ECE), roc.png and calibration.png. Nothing is written into
+    the model folder.
+    """
+    from .predict import run_predict
+
+    _, df = _load(run_dir, manifest, config_file, overrides={})
+    console = _console()
+    whole = not (shard or slides)
+    try:
+        result = run_predict(
+            _select(df, shard, slides), run_dir, model_name, overwrite=overwrite,
+            console=console, cohort=whole, n_boot=bootstrap,
+        )  # fmt: skip
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        raise click.ClickException(str(exc).splitlines()[0]) from exc
+    _finish(console, result, "predict", [])
 
 
 @main.command()

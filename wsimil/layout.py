@@ -169,6 +169,15 @@ class RunLayout:
     def cohort_summary(self, model: str) -> Path:
         return self.heatmaps(model).path / "summary.json"
 
+    # -- predict ----------------------------------------------------------------------------
+    def predicted(self, model: str) -> StageFolder:
+        """``wsimil predict``'s folder of a model: per-slide scores and the cohort's metrics."""
+        return StageFolder(self.root / "predictions" / check_name(model, what="model name"))
+
+    def predicted_slide(self, model: str, slide_id: str) -> Path:
+        """One slide's folder: ``tiles.csv`` (per-tile maps) and ``slide.json`` (its record)."""
+        return self.predicted(model).path / "slides" / check_slide_id(slide_id)
+
     # -- demo and workflow ------------------------------------------------------------------
     @property
     def demo_config(self) -> Path:
