@@ -97,6 +97,14 @@ def test_every_output_for_every_slide_and_attention_finds_the_lesions(cohort):
     assert all(f'href="slides/{sid}/{sid}.html"' in index for sid in manifest.slide_id)
     pred = pd.read_csv(hm / "predictions.csv")
     assert sorted(pred.slide_id) == sorted(manifest.slide_id)
+    # Every slide is marked with what the model saw of it; metrics count held-out slides only.
+    split = json.loads((run / "models" / "gated_attention" / "model.json").read_text())["split"]
+    assert pred.set_index("slide_id").split.to_dict() == {s: split[s] for s in pred.slide_id}
+    summary = json.loads((hm / "summary.json").read_text())
+    held_out = [s for s in pred.slide_id if split[s] == "test"]
+    assert summary["n_labelled"] == len(held_out) and sum(summary["splits"].values()) == len(pred)
+    seen = len(pred) - len(held_out)
+    assert f"/{len(held_out)} held-out slides correct ({seen} slides the model was trained" in index
     pos = manifest[manifest.label == 1].slide_id.tolist()
     loc = localisation(run, manifest, "gated_attention", pos)
     assert loc["n_slides"] >= 3 and loc["auc_mean"] > 0.8, loc
@@ -394,15 +402,22 @@ def test_predict_scores_an_external_cohort_with_metrics_intervals_and_plots(coho
     sid = manifest.slide_id.iloc[0]
     tiles = pd.read_csv(out / "slides" / sid / "tiles.csv")
     assert tiles.attention.sum() == pytest.approx(1.0, abs=1e-3)
+    # The model's own training cohort is marked, and its train/val slides are never counted.
+    from wsimil.predict import run_predict
+
+    res = run_predict(manifest, run, "gated_attention", n_boot=50)
+    assert (res.status == "ok").all()
+    own = pd.read_csv(run / "predictions" / "gated_attention" / "predictions.csv")
+    split = json.loads((model_dir / "model.json").read_text())["split"]
+    assert own.set_index("slide_id").split.to_dict() == {s: split[s] for s in own.slide_id}
+    own_metrics = run / "predictions" / "gated_attention" / "metrics.json"
+    n_test = sum(v == "test" for v in split.values())
+    assert not own_metrics.exists() or json.loads(own_metrics.read_text())["n_slides"] == n_test
     # Without labels: scores, no metrics.
-    unlabelled = tmp_path / "unlabelled.csv"
-    manifest.drop(columns=["label"]).to_csv(unlabelled, index=False)
     other2 = tmp_path / "external2"
     for d in ("tiles", "features"):
         shutil.copytree(run / d, other2 / d)
-    p = _cli("predict", other2, "--manifest", unlabelled, "--model", model_dir)
-    _, err = p.communicate(timeout=600)
-    assert p.returncode == 0, err
+    run_predict(manifest.drop(columns=["label"]), other2, str(model_dir))
     out2 = other2 / "predictions" / "gated_attention"
     assert len(pd.read_csv(out2 / "predictions.csv")) == len(manifest)
     assert not (out2 / "metrics.json").exists()

@@ -98,7 +98,7 @@ def test_index_sorts_by_probability_and_shows_correctness_and_failures(review):
     order = [m for m in re.findall(r'<tr class="slide[^"]*" id="row-([^"]+)"', text)]
     assert order == ["slide-1_x.1", "slide-2_x.1", "slide-3_x.1", "slide-0_x.1", "broken"]
     assert text.count(">correct<") == 3 and text.count(">wrong<") == 1  # slide 2: p=0.7, label 0
-    assert "no features at x &amp; &lt;y&gt;" in text and "3/4 correct" in text
+    assert "no features at x &amp; &lt;y&gt;" in text and "3/4 held-out slides correct" in text
 
 
 def _chromium(args, user_dir):

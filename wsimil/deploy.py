@@ -31,6 +31,8 @@ import pandas as pd
 from .store import write_text_atomic
 
 CARD_FILE = "card.json"
+#: splits a model learnt from or was tuned on: shown, never counted in held-out metrics
+SEEN_SPLITS = ("train", "val")
 CARD_FORMAT = "wsimil-model-card"
 _MEMBER = re.compile(r"\.|folds/r\d{1,4}_f\d{1,4}")
 #: tile settings that must match between a model's training features and new features
@@ -110,6 +112,17 @@ class Predictor:
         self.in_dim = int(self.meta["in_dim"])
         self.encoder = (card or {}).get("features", {}) or {}
         self.threshold = float((card or {}).get("threshold", 0.5))
+
+    def split_of(self, slide_id: str) -> str:
+        """What the model saw of a slide: its split (``train``, ``val``, ``test``) or ``external``.
+
+        An ensemble of fold models has trained on every slide of its cohort (each is a test
+        slide of one fold only), so those are ``train``.
+        """
+        splits = [m[2].get("split") or {} for m in self.members]
+        if len(splits) == 1:
+            return str(splits[0].get(slide_id, "external"))
+        return "train" if any(slide_id in s for s in splits) else "external"
 
     @property
     def encoder_name(self) -> str | None:

@@ -127,6 +127,8 @@ class HeatmapStage(SlideStage):
         super().__init__(layout.heatmaps(self.model_name))
         self.layout, self.cfg = layout, cfg
         self.predictor = load_model(folder)  # never unpickles
+        # Slides of the model's own run folder may be ones it trained on; any other run's are external.
+        self.own_run = folder.resolve().parent.parent == layout.root.resolve()
         self.meta = self.predictor.meta
         self.encoder = self.predictor.encoder_name
         self.label_column = self.meta["config"].get("label_column", "label")
@@ -137,6 +139,10 @@ class HeatmapStage(SlideStage):
             "model_sha256": config_hash({"card": self.predictor.card,
                                          "members": [m[2] for m in self.predictor.members]}),
         }  # fmt: skip
+
+    def split_of(self, sid: str) -> str:
+        """The slide's split for this model (``external`` for another run's slides)."""
+        return self.predictor.split_of(sid) if self.own_run else "external"
 
     def outputs(self, row):
         return [self.layout.heatmap_slide(self.model_name, row["slide_id"]).folder]
@@ -208,7 +214,8 @@ class HeatmapStage(SlideStage):
             else:
                 coords = np.asarray(g["coords"][...])
                 record = self._scored_slide(row, out, label, feats, coords, attrs["tiles"])
-            record.update(config_hash=self._hash(attrs), model=self.model_name)
+            record.update(config_hash=self._hash(attrs), model=self.model_name,
+                          split=self.split_of(sid))  # fmt: skip
             write_slide_page(out, record)
             out.record.write_text(json.dumps(record, indent=1, default=str), encoding="utf-8")
         values = {k: record.get(k) for k in self.columns}

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from .config import HeatmapConfig
+from .deploy import SEEN_SPLITS
 from .heatmap import HeatmapStage, _label, slide_scores
 from .layout import RunLayout
 from .runner import SlideOutcome, SlideStage, run_slides
@@ -60,7 +61,8 @@ class PredictStage(HeatmapStage):
         g = open_store(job["store"])
         feats = np.asarray(g["features"][...], dtype=np.float32)
         label = _label(row.get(self.label_column))
-        record = {"slide_id": sid, "label": label, "config_hash": self._hash(job["attrs"])}
+        record = {"slide_id": sid, "label": label, "config_hash": self._hash(job["attrs"]),
+                  "split": self.split_of(sid)}  # fmt: skip
         with atomic_output(self.outputs(row)[0], folder=True) as partial:
             if len(feats) == 0:
                 record.update(status="empty", message=f"{sid}: 0 tiles", probability=None,
@@ -109,12 +111,12 @@ def write_cohort(layout: RunLayout, stage: PredictStage, manifest: pd.DataFrame,
         if r.get("status") == "ok":
             case = rec.get("case_id")
             rows.append({**{k: r.get(k) for k in ("slide_id", "probability", "prediction", "label")},
-                         "split": "external", "case": case if case is not None else r["slide_id"]})  # fmt: skip
+                         "split": r.get("split", "external"), "case": case if case is not None else r["slide_id"]})  # fmt: skip
     table = pd.DataFrame(
         rows, columns=["slide_id", "probability", "prediction", "label", "split", "case"]
     )
     write_text_atomic(folder / "predictions.csv", table.drop(columns="case").to_csv(index=False))
-    labelled = table[table.label.notna()]
+    labelled = table[table.label.notna() & ~table.split.isin(SEEN_SPLITS)]  # held-out slides only
     if labelled.empty or labelled.label.nunique() < 2:
         return None
     y, p = labelled.label.astype(int).to_numpy(), labelled.probability.astype(float).to_numpy()

@@ -20,10 +20,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .deploy import SEEN_SPLITS
 from .layout import RunLayout
 from .store import StatusLog, write_text_atomic
 
-PREDICTION_COLUMNS = ["slide_id", "probability", "prediction", "label"]
+PREDICTION_COLUMNS = ["slide_id", "probability", "prediction", "label", "split"]
 
 
 def slide_records(layout: RunLayout, model_name: str, slide_ids: list[str]) -> list[dict]:
@@ -80,13 +81,22 @@ def cohort_summary(records: list[dict], *, model_name: str) -> dict:
     for r in records:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     scored = [r for r in records if r["status"] == "ok"]
-    labelled = [r for r in scored if _binary(r.get("label")) is not None]
+    splits: dict[str, int] = {}
+    for r in scored:
+        splits[str(r.get("split", "unknown"))] = splits.get(str(r.get("split", "unknown")), 0) + 1
+    labelled = [
+        r
+        for r in scored
+        if _binary(r.get("label")) is not None and r.get("split") not in SEEN_SPLITS
+    ]  # accuracy and AUC on held-out slides only
     out = {
         "model": model_name,
         "n_slides": len(records),
         "status": counts,
         "n_scored": len(scored),
         "n_labelled": len(labelled),
+        "splits": splits,
+        "metrics_on": "held-out slides (test and external); training and validation slides are not counted",
         "accuracy": None,
         "auc": None,
     }

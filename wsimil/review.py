@@ -12,6 +12,7 @@ from html import escape
 from pathlib import Path
 from urllib.parse import quote
 
+from .deploy import SEEN_SPLITS
 from .layout import HeatmapFiles
 from .store import write_text_atomic
 
@@ -53,6 +54,11 @@ def _page(title: str, body: str) -> str:
         f'<meta name="viewport" content="width=device-width,initial-scale=1"><title>{escape(title)}</title>'
         f'<link rel="icon" href="data:,"><style>{_CSS}</style></head><body>\n{body}\n</body></html>\n'
     )
+
+
+def _split_text(record: dict) -> str:
+    split = record.get("split")
+    return f"<br><small>{escape(str(split))}</small>" if split else ""
 
 
 def _label_text(record: dict) -> str:
@@ -130,7 +136,7 @@ def _index_row(record: dict) -> str:
     prediction = record.get("prediction")
     return (
         f'<tr class="slide" id="row-{escape(sid)}"><td><a href="{_href(*folder, info["page"])}">'
-        f"{escape(sid)}</a><br><small>{record.get('n_tiles', 0)} tiles</small></td>"
+        f"{escape(sid)}</a><br><small>{record.get('n_tiles', 0)} tiles</small>{_split_text(record)}</td>"
         f"<td>{_probability(record) or escape(record['status'])}</td>"
         f"<td>{prediction if prediction is not None and prediction >= 0 else ''}</td>"
         f'<td>{label}</td><td class="{cls}">{text}</td><td>{thumb}</td><td>{over}</td></tr>'
@@ -154,9 +160,17 @@ def write_index(folder: str | Path, records: list[dict], *, model_name: str = ""
                                   else -1.0), r["slide_id"]),
     )  # fmt: skip
     scored = [r for r in records if r["status"] == "ok"]
-    verdicts = [_verdict(r.get("label"), r.get("prediction"))[1] for r in scored]
+    held_out = [r for r in scored if r.get("split") not in SEEN_SPLITS]
+    verdicts = [_verdict(r.get("label"), r.get("prediction"))[1] for r in held_out]
     judged = [v for v in verdicts if v != "na"]
-    acc = f"{judged.count('ok')}/{len(judged)} correct" if judged else "no labels"
+    seen = len(scored) - len(held_out)
+    acc = (
+        f"{judged.count('ok')}/{len(judged)} held-out slides correct"
+        if judged
+        else "no held-out labels"
+    )
+    if seen:
+        acc += f" ({seen} slides the model was trained or tuned on are marked and not counted)"
     body = (
         f"<h1>wsimil heatmaps{(': ' + escape(model_name)) if model_name else ''}</h1>"
         f"<p>{len(records)} slides, {len(scored)} scored, {acc}. Sorted by slide probability (highest first). "
