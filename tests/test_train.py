@@ -177,3 +177,33 @@ def test_small_heads_train_on_one_thread_and_the_process_keeps_its_threads():
     torch.set_num_threads(2)
     fit(small[:6], small[6:], TrainConfig(epochs=1, hidden_dim=8, attention_dim=4))
     assert torch.get_num_threads() == 2  # training on 1 thread left the process's setting alone
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA"
+)
+def test_train_on_cuda_without_a_gpu_is_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from wsimil.cli import main
+
+    rows = [f"{i % 2},b{i},{0.1 * i},{0.5 * (i % 2)}" for i in range(12)]
+    (tmp_path / "bags.csv").write_text("\n".join(rows) + "\n")
+    args = ["train", tmp_path / "run", "--bags", tmp_path / "bags.csv", "--device", "cuda"]
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    assert r.exit_code == 1
+    assert r.output.strip() == (
+        "Error: --device cuda: no CUDA device is visible; use --device cpu or auto"
+    )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cpu_and_gpu_training_give_the_same_predictions():
+    bags, _ = make_bags(40, d=16, seed=3)
+    cfg = TrainConfig(epochs=8, hidden_dim=16, attention_dim=8, dropout=0.0, seed=0)
+    runs = {}
+    for device in ("cpu", "cuda"):
+        model, std, _, _ = fit(bags[:30], bags[30:], cfg.model_copy(update={"device": device}))
+        assert next(model.parameters()).device.type == "cpu"  # returned on the CPU either way
+        runs[device] = predict_bags(model, [std(b.features) for b in bags])[0]
+    np.testing.assert_allclose(runs["cpu"], runs["cuda"], atol=2e-3)

@@ -188,7 +188,7 @@ def train(run_dir, manifest, config_file, encoder, bag_table, memory_budget_gb, 
                 df, run_dir, cfg.train, encoder=cfg.embed.encoder,
                 memory_budget_gb=memory_budget_gb, console=console,
             )  # fmt: skip
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
         raise click.ClickException(str(exc).splitlines()[0]) from exc
     console.print(
         f"test ({res['n_folds']} fold(s), {res['n']} predictions): accuracy {res['accuracy']:.3f} ± {res['accuracy_std']:.3f}  "

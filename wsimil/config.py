@@ -125,6 +125,9 @@ class TrainConfig(_Section):
         "class_weight",
         description="class imbalance: positive-class loss weight, balanced sampling, or nothing",
     )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where to train: auto (CUDA when visible), cpu or cuda"
+    )
     threads: int = Field(
         0,
         ge=0,

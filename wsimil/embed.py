@@ -18,6 +18,7 @@ import pandas as pd
 
 from . import __version__
 from .config import EmbedConfig
+from .devices import pick_device
 from .earlier import before_embed
 from .layout import RunLayout
 from .manifest import mpp_override
@@ -47,16 +48,6 @@ def _worker_init(_):
     import torch
 
     torch.set_num_threads(1)
-
-
-def pick_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda: no CUDA device is visible; use --device cpu or auto")
-    return name
 
 
 def autocast_dtype(precision: str, preferred: str, device: str):

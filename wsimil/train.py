@@ -24,6 +24,7 @@ from .checkpoint import has_model, load_checkpoint, model_kwargs, save_checkpoin
 from .config import TrainConfig, save_config
 from .cv import METRIC_COLUMNS, Fold, binary_metrics, make_folds, summarise_metrics
 from .deploy import manifest_digest, training_features, write_card
+from .devices import pick_device
 from .layout import RunLayout
 from .mil import create_mil
 
@@ -43,16 +44,17 @@ __all__ = [
 
 def bag_loss(model, x: torch.Tensor, y: float, loss_fn) -> torch.Tensor:
     out = model(x.unsqueeze(0))
-    return loss_fn(out.logits, torch.tensor([y], dtype=torch.float32))
+    return loss_fn(out.logits, torch.tensor([y], dtype=torch.float32, device=x.device))
 
 
 @torch.inference_mode()
 def predict_bags(model, tensors) -> tuple[np.ndarray, list]:
     """Bag probabilities (K,) and per-bag MIL outputs for K (N, D) tensors (any iterable)."""
     model.eval()
+    device = next(model.parameters()).device
     probs, outs = [], []
     for x in tensors:
-        out = model(x.unsqueeze(0))
+        out = model(x.to(device, non_blocking=True).unsqueeze(0))
         probs.append(float(torch.sigmoid(out.logits)[0]))
         outs.append(out)
     return np.asarray(probs), outs
@@ -136,13 +138,16 @@ def _fit(
     y_train = np.array([b.label for b in train], np.float32)
     y_val = np.array([b.label for b in val], np.float32)
 
-    model = build_model(cfg, in_dim)
+    device = torch.device(pick_device(cfg.device))
+    model = build_model(cfg, in_dim).to(device)
     optimizer = torch.optim.Adam(
         model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay
     )
     n_pos = max(float(y_train.sum()), 1.0)
     n_neg = max(len(y_train) - float(y_train.sum()), 1.0)
-    pos_weight = torch.tensor([n_neg / n_pos]) if cfg.balance == "class_weight" else None
+    pos_weight = (
+        torch.tensor([n_neg / n_pos], device=device) if cfg.balance == "class_weight" else None
+    )
     loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
     p_sample = np.where(y_train > 0, 0.5 / n_pos, 0.5 / n_neg)
     p_sample /= p_sample.sum()
@@ -160,7 +165,7 @@ def _fit(
         for i, x in xs_train.items(order):
             if cfg.max_instances and len(x) > cfg.max_instances:
                 x = x[torch.from_numpy(rng.choice(len(x), cfg.max_instances, replace=False))]
-            loss = bag_loss(model, x, y_train[i], loss_fn)
+            loss = bag_loss(model, x.to(device, non_blocking=True), y_train[i], loss_fn)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -177,7 +182,7 @@ def _fit(
                 f"  epoch {epoch:3d}  train loss {history[-1]['train_loss']:.4f}  val loss {val_loss:.4f}"
             )
     model.load_state_dict(best[1])
-    model.eval()
+    model.to("cpu").eval()  # saved and scored from the CPU
     return model, std, pd.DataFrame(history), best[2]
 
 
@@ -207,7 +212,7 @@ def _same_run(saved: dict, current: dict) -> bool:
 
     Both configs are compared as JSON (``model.json`` holds ``model_dump(mode="json")``).
     """
-    same = ("n_repeats", "threads")  # neither changes what a fold's model is
+    same = ("n_repeats", "threads", "device")  # none changes what a fold's model is
     return {k: v for k, v in saved.items() if k not in same} == {
         k: v for k, v in current.items() if k not in same
     }
