@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
-from wsimil.evaluate import bootstrap_intervals, evaluate, expected_calibration_error, point_metrics
+from wsimil.evaluate import (
+    bootstrap_intervals,
+    evaluate,
+    expected_calibration_error,
+    point_metrics,
+    pooled_test_metrics,
+)
 
 
 def _cohort(n=120, seed=0):
@@ -47,3 +53,26 @@ def test_calibration_error_is_zero_for_calibrated_and_large_for_overconfident():
     assert expected_calibration_error(y, np.round(p)) > 0.2
     report = evaluate(y[:200], p[:200], np.arange(200), n_boot=50)
     assert report["n_cases"] == 200 and set(report["metrics"]["auc"]) == {"value", "ci95"}
+
+
+def test_pooled_test_metrics_take_each_bag_once_from_the_first_repeat():
+    from types import SimpleNamespace
+
+    y, p, g = _cohort(40)
+    bags = [SimpleNamespace(bag_id=f"s{i}", group=g[i]) for i in range(40)]
+    rows = [
+        {
+            "slide_id": f"s{i}",
+            "repeat": r,
+            "split": "test",
+            "label": int(y[i]),
+            "probability": float(p[i] if r == 0 else 1 - p[i]),
+        }
+        for r in (0, 1)
+        for i in range(40)
+    ]
+    rows += [{"slide_id": "s0", "repeat": 0, "split": "train", "label": 1, "probability": 0.0}]
+    pooled = pooled_test_metrics(rows, bags, n_boot=100)
+    assert pooled["n_slides"] == 40 and pooled["n_cases"] == 20
+    assert pooled["metrics"]["auc"]["value"] == pytest.approx(point_metrics(y, p)["auc"])
+    assert pooled_test_metrics(rows[:1], bags) is None  # one class only

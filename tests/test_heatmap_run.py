@@ -328,6 +328,13 @@ def test_cv_leaves_an_ensemble_that_scores_another_unlabelled_cohort_from_where_
     assert card["kind"] == "ensemble" and len(card["members"]) == 3
     assert card["features"]["encoder"]["name"] == ENC and card["features"]["tiles"]["tile_px"] == 32
     assert card["training"]["n_slides"] == len(manifest) and card["threshold"] == 0.5
+    pooled = json.loads((model_dir / "metrics_pooled.json").read_text())
+    assert pooled["n_slides"] == len(manifest)  # every slide once, from the fold that tested it
+    auc = pooled["metrics"]["auc"]
+    assert (
+        auc["ci95"][0] <= auc["value"] <= auc["ci95"][1]
+        and card["metrics"]["pooled_test"] == pooled
+    )
 
     # Another cohort, another folder, no labels: the model is used where it lives.
     other = tmp_path / "other"

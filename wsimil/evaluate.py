@@ -139,3 +139,17 @@ def plot_roc_and_calibration(y, p, out_dir: Path, *, title: str) -> list[Path]:
         fig.savefig(tmp, format="png", bbox_inches="tight")
     plt.close(fig)
     return paths
+
+
+def pooled_test_metrics(pred_rows: list[dict], bags: list, *, n_boot: int = 1000) -> dict | None:
+    """Metrics over the test predictions pooled across folds (repeat 0: each bag once), with
+    stratified case-bootstrap 95% intervals (:func:`wsimil.evaluate.evaluate`); None when the
+    test bags lack a class."""
+    group = {b.bag_id: b.group for b in bags}
+    rows = [r for r in pred_rows if r["split"] == "test" and r.get("repeat", 0) == 0]
+    y = np.array([int(r["label"]) for r in rows])
+    if len(set(y.tolist())) < 2:
+        return None
+    p = np.array([float(r["probability"]) for r in rows])
+    g = np.array([str(group[r["slide_id"]]) for r in rows])
+    return evaluate(y, p, g, n_boot=n_boot)

@@ -11,7 +11,7 @@ pickled), ``predictions.csv``, ``metrics.csv``, ``history.csv`` and ``config.yam
 from __future__ import annotations
 
 import copy
-import os
+import json
 import time
 from pathlib import Path
 
@@ -24,9 +24,10 @@ from .checkpoint import has_model, load_checkpoint, model_kwargs, save_checkpoin
 from .config import TrainConfig, save_config
 from .cv import METRIC_COLUMNS, Fold, binary_metrics, make_folds, summarise_metrics
 from .deploy import manifest_digest, training_features, write_card
-from .devices import pick_device
+from .devices import pick_device, train_threads
 from .layout import RunLayout
 from .mil import create_mil
+from .store import write_text_atomic
 
 __all__ = [
     "Bag",
@@ -186,27 +187,6 @@ def _fit(
     return model, std, pd.DataFrame(history), best[2]
 
 
-SMALL_BAG = 1_000_000  # feature values per bag below which one thread is fastest
-
-
-def train_threads(cfg: TrainConfig, bags: list[Bag]) -> int:
-    """CPU threads for training: ``cfg.threads``, or 1 for small bags, else every usable CPU.
-
-    A MIL head on small bags does too little work per step to share between threads: on a
-    2-core machine with both cores busy, musk2 ran at 1.3 s/epoch on one thread and 4.5 s/epoch
-    on two (`docs/results.md`). Larger bags (slide features) gain from more threads.
-    """
-    if cfg.threads:
-        return cfg.threads
-    largest = max((b.features.shape[0] for b in bags), default=0)
-    if cfg.max_instances:
-        largest = min(largest, cfg.max_instances)
-    width = bags[0].features.shape[1] if bags else 0
-    if largest * width <= SMALL_BAG:
-        return 1
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def _same_run(saved: dict, current: dict) -> bool:
     """Whether a fold's model was trained with these settings (more repeats reuse the folds done).
 
@@ -334,13 +314,21 @@ def train_bags(
     for c in METRIC_COLUMNS:
         out[c] = float(summary.loc[0, c])
         out[f"{c}_std"] = float(summary.loc[1, c])
-    _write_card(model_dir, folds, cfg, n_bags=len(bags), features=features, training=training,
-                metrics={k: v for k, v in out.items() if k != "model_dir"})  # fmt: skip
+    _write_card(model_dir, folds, cfg, bags, pred_rows, out, features=features, training=training)
     return out
 
 
-def _write_card(model_dir, folds, cfg, *, n_bags, features, training, metrics) -> None:
-    """The deployable model: the single model, or after CV the ensemble of the fold models."""
+def _write_card(model_dir, folds, cfg, bags, pred_rows, out, *, features, training) -> None:
+    """The deployable model (the single model, or after CV the ensemble of the fold models),
+    with the test metrics and the pooled test metrics with intervals (``metrics_pooled.json``)."""
+    from .evaluate import pooled_test_metrics
+
+    metrics = {k: v for k, v in out.items() if k != "model_dir"}
+    pooled = pooled_test_metrics(pred_rows, bags)
+    if pooled is not None:
+        write_text_atomic(model_dir / "metrics_pooled.json", json.dumps(pooled, indent=1) + "\n")
+        metrics["pooled_test"] = pooled
+    n_bags = len(bags)
     members = ["."] if len(folds) == 1 else [f"folds/r{f.repeat}_f{f.fold}" for f in folds]
     write_card(
         model_dir, kind="single" if len(folds) == 1 else "ensemble", members=members, cfg=cfg,
