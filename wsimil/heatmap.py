@@ -153,13 +153,17 @@ class HeatmapStage(SlideStage):
     def _hash(self, feature_attrs: dict) -> str:
         return config_hash({**self.settings, "features": feature_attrs.get("config_hash")})
 
+    def _record(self, row) -> Path:
+        """The slide's record (``slide.json``), written last into its output folder."""
+        return self.layout.heatmap_slide(self.model_name, row["slide_id"]).record
+
     def state(self, row):
-        files = self.layout.heatmap_slide(self.model_name, row["slide_id"])
+        path = self._record(row)
         fattrs = store_attrs(self._feature_store(row["slide_id"]))
-        if not files.record.is_file() or fattrs is None:
+        if not path.is_file() or fattrs is None:
             return "missing", {}
         try:
-            record = json.loads(files.record.read_text(encoding="utf-8"))
+            record = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return "changed", {}
         if record.get("config_hash") != self._hash(fattrs):

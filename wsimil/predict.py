@@ -26,7 +26,7 @@ from .deploy import SEEN_SPLITS
 from .heatmap import HeatmapStage, _label, slide_scores
 from .layout import RunLayout
 from .runner import SlideOutcome, SlideStage, run_slides
-from .store import atomic_output, open_store, store_attrs, write_text_atomic
+from .store import atomic_output, open_store, write_text_atomic
 
 
 class PredictStage(HeatmapStage):
@@ -43,18 +43,8 @@ class PredictStage(HeatmapStage):
     def outputs(self, row):
         return [self.layout.predicted_slide(self.model_name, row["slide_id"])]
 
-    def state(self, row):
-        record = self.outputs(row)[0] / "slide.json"
-        fattrs = store_attrs(self._feature_store(row["slide_id"]))
-        if not record.is_file() or fattrs is None:
-            return "missing", {}
-        try:
-            rec = json.loads(record.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return "changed", {}
-        if rec.get("config_hash") != self._hash(fattrs):
-            return "changed", {}
-        return "complete", {k: rec.get(k) for k in self.columns}
+    def _record(self, row) -> Path:
+        return self.outputs(row)[0] / "slide.json"
 
     def run_one(self, job) -> SlideOutcome:
         row, sid = job["row"], job["row"]["slide_id"]

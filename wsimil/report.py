@@ -46,10 +46,8 @@ def slide_records(layout: RunLayout, model_name: str, slide_ids: list[str]) -> l
         line = last.get(sid)
         if line is not None and line.get("status") == "error":
             records.append({"slide_id": sid, "status": "error", "message": line.get("message")})
-        elif earlier is not None and earlier.cause(sid) is not None:  # failed before heatmap
-            records.append(
-                {"slide_id": sid, "status": "error", "message": f"{sid}: {earlier.cause(sid)}"}
-            )
+        elif (cause := earlier and earlier.cause(sid)) is not None:  # failed before heatmap
+            records.append({"slide_id": sid, "status": "error", "message": f"{sid}: {cause}"})
         else:
             records.append(
                 {"slide_id": sid, "status": "missing",
