@@ -57,7 +57,7 @@ def run_one(images, labels, *, model: str, n_train: int, repeat: int, epochs: in
     t0 = time.perf_counter()
     net, std, history, best = fit(train_bags[n_val:], train_bags[:n_val], cfg, seed=repeat)
     probs, _ = predict_bags(net, [std(b.features) for b in test_bags])
-    m = binary_metrics(np.array([b.label for b in test_bags]), probs)
+    m = binary_metrics(np.array([b.label for b in test_bags]), probs[:, 1])
     return {"model": model, "n_train": n_train, "repeat": repeat, "auc": m["auc"], "accuracy": m["accuracy"], "epochs": len(history), "best_epoch": best, "seconds": round(time.perf_counter() - t0, 1)}
 
 

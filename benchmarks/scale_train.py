@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/scale_train.py STORE_DIR [--bags 1000] [--instances 10000] [--dim 1024]
-        [--memory-budget-gb 4] [--big 200000] [--threads 2]
+        [--memory-budget-gb 4] [--big 200000] [--threads 2] [--devices cpu,cuda]
 
 1. Writes ``--bags`` generated bags as Zarr arrays (float16, as the embed stage stores
    features; ~20 GB for the defaults) under STORE_DIR, once (a re-run reuses them).
@@ -14,6 +14,10 @@ Usage::
    of setting up the cache, of the epoch, the same steps on one in-memory bag (compute alone),
    and the peak resident memory.
 3. One bag of ``--big`` instances: one training step and one evaluation pass, and peak memory.
+
+4. With a GPU (``--devices``, default ``cpu`` and ``cuda`` when one is visible): the epoch of
+   step 2 on each device, side by side in one run, and the ratio (``train.device``; the bags
+   are moved to the device once per step).
 
 Gated attention, f = fc-256 (ReLU, dropout 0.25), attention dim 128, one bag per step.
 Prints one JSON line per measurement.
@@ -32,7 +36,8 @@ import torch
 
 from wsimil.bags import Bag, BagTensors
 from wsimil.config import TrainConfig
-from wsimil.train import Standardiser, bag_loss, build_model, fit
+from wsimil.bags import Standardiser
+from wsimil.fit import bag_loss, build_model, fit
 
 
 def make_bag(i: int, n: int, d: int) -> np.ndarray:
@@ -73,6 +78,7 @@ def main() -> None:
     ap.add_argument("--memory-budget-gb", type=float, default=4.0)
     ap.add_argument("--big", type=int, default=200_000)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--devices", default="cpu,cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = TrainConfig(model="gated_attention", hidden_dim=256, attention_dim=128, dropout=0.25, epochs=1, patience=1, val_fraction=0.0, balance="none", seed=0)
@@ -104,7 +110,7 @@ def main() -> None:
     t0 = time.perf_counter()
     k = 20
     for _ in range(k):
-        loss = bag_loss(model, x, 1.0, loss_fn)
+        loss = bag_loss(model, x, 1, loss_fn)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -115,10 +121,19 @@ def main() -> None:
                       "fit_total_s": round(t_fit, 1), "compute_only_step_s": round(step_s, 3), "compute_only_epoch_s": round(step_s * args.bags, 1),
                       "peak_rss_gb": round(peak_rss_gb(), 2)}), flush=True)
 
+    devices = [d for d in args.devices.split(",") if d]
+    if len(devices) > 1:  # the same epoch on each device, side by side
+        seconds = {}
+        for dev in devices:
+            _, _, hist, _ = fit(bags, [], cfg.model_copy(update={"device": dev}), memory_budget_gb=args.memory_budget_gb)
+            seconds[dev] = round(float(hist.seconds.iloc[0]), 2)
+        print(json.dumps({"what": "one epoch by device", "epoch_s": seconds,
+                          "ratio_to_first": {d: round(seconds[devices[0]] / seconds[d], 2) for d in devices}}), flush=True)
+
     big = torch.from_numpy(make_bag(10**6 + 1, args.big, args.dim).astype(np.float32))
     model.train()
     t0 = time.perf_counter()
-    loss = bag_loss(model, big, 1.0, loss_fn)
+    loss = bag_loss(model, big, 1, loss_fn)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()

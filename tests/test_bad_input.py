@@ -84,31 +84,50 @@ def test_every_path_built_from_an_accepted_id_stays_in_the_run_folder(slide_id):
         assert p.is_relative_to(root) and any(slide_id in part for part in p.parts[2:])
 
 
-@pytest.mark.parametrize("label", ["maybe", "-1", "0.5", "2", "yes"])
+@pytest.mark.parametrize("label", ["x" * 65, "bell\x07", "tab\there"])
 def test_an_invalid_label_is_refused_by_every_stage_up_front(tmp_path, label):
     manifest = _csv(tmp_path, f"slide_id,path,label\na,a.svs,1\nb,b.svs,{label}\nc,c.svs,\n")
     r = _wsimil("tile", tmp_path / "run", "--manifest", manifest)
     assert r.returncode == 1 and not (tmp_path / "run").exists()
-    assert (
-        f"1 bad 'label' value(s): line 3 (b): '{label}'; a label must be 0 or 1 or empty"
-        in r.stderr
-    )
+    assert f"1 bad 'label' value(s): line 3 (b): {label!r}; a label must be a class" in r.stderr
+    assert r.stderr.rstrip().endswith("or empty")
     # Train needs every label: the empty one is refused too.
-    with pytest.raises(ManifestError, match=r"line 3 \(c\): ''; a label must be 0 or 1$"):
+    with pytest.raises(
+        ManifestError, match=r"line 3 \(c\): ''; a label must be a class.*characters$"
+    ):
         read_manifest(
             _csv(tmp_path, "slide_id,path,label\na,a.svs,1\nc,c.svs,\n"), require_label=True
         )
 
 
+def test_labels_are_class_names_and_a_one_slide_class_is_refused_by_train(tmp_path):
+    text = "slide_id,path,label\na,a.svs,1\nb,b.svs,0.0\nc,c.svs, LUAD \nd,d.svs,\n"
+    df = read_manifest(_csv(tmp_path, text))
+    assert df["label"].tolist() == ["1", "0", "LUAD", None]  # 0.0 is class 0, names stripped
+    # A label typo makes a class of one slide: train refuses it before training, naming it.
+    table = tmp_path / "bags.csv"
+    rows = [
+        f"{lab},bag{i},{i % 3}.0,{i % 5}.0"
+        for i, lab in enumerate(["pos"] * 4 + ["neg"] * 4 + ["pso"])
+    ]
+    table.write_text("\n".join(rows) + "\n")
+    r = _wsimil("train", tmp_path / "run", "--bags", table, "--epochs", "1")
+    assert r.returncode == 1
+    assert "class(es) 'pso' (1) with fewer than 2 slides among ['neg', 'pos', 'pso']" in r.stderr
+    # With the classes given, a label outside them is named.
+    r = _wsimil("train", tmp_path / "run", "--bags", table, "--classes", "neg,pos")
+    assert r.returncode == 1 and "label(s) 'pso' not in train.classes ['neg', 'pos']" in r.stderr
+
+
 def test_any_column_name_works_as_the_label_column(tmp_path):
     text = "slide_id,path,HER2 status\na,a.svs,1\nb,b.svs,0.0\n"
     df = read_manifest(_csv(tmp_path, text), label_column="HER2 status", require_label=True)
-    assert df["HER2 status"].tolist() == [1, 0]
+    assert df["HER2 status"].tolist() == ["1", "0"]
     cfg = tmp_path / "c.yaml"
     cfg.write_text("train: {label_column: HER2 status}\n")
-    _csv(tmp_path, "slide_id,path,HER2 status\na,a.svs,1\nb,b.svs,maybe\n")
+    _csv(tmp_path, f"slide_id,path,HER2 status\na,a.svs,1\nb,b.svs,{'y' * 70}\n")
     r = _wsimil("check", tmp_path / "run", "--manifest", tmp_path / "manifest.csv", "--config", cfg)
-    assert r.returncode == 1 and "bad 'HER2 status' value(s): line 3 (b): 'maybe'" in r.stderr
+    assert r.returncode == 1 and "bad 'HER2 status' value(s): line 3 (b): 'yyyy" in r.stderr
 
 
 @pytest.mark.parametrize(

@@ -209,3 +209,35 @@ def test_lenet_instance_transform_for_image_bags():
     torch.testing.assert_close(
         m(x[1:, :3]).logits, out.logits[1:], atol=1e-5, rtol=1e-5
     )  # padding ignored
+
+
+def test_refit_trains_one_model_on_every_bag_for_the_folds_median_best_epoch(tmp_path):
+    import json
+
+    from wsimil.deploy import load_model
+
+    bags = toy_bags(24)
+    cfg = TrainConfig(protocol="cv", n_folds=3, epochs=12, patience=3, hidden_dim=8,
+                      attention_dim=4, lr=1e-3, refit=True, threads=1)  # fmt: skip
+    model_dir = tmp_path / "m"
+    train_bags(bags, model_dir, cfg)
+    card = json.loads((model_dir / "card.json").read_text())
+    best = pd.read_csv(model_dir / "metrics.csv").best_epoch
+    assert card["kind"] == "single" and card["members"] == ["."]
+    assert card["training"]["refit"]["epochs"] == max(1, int(np.median(best)))
+    meta = json.loads((model_dir / "model.json").read_text())
+    assert set(meta["split"].values()) == {"train"} and len(meta["split"]) == len(bags)
+    assert (
+        meta["extras"]["refit"] and meta["config"]["epochs"] == card["training"]["refit"]["epochs"]
+    )
+    history = pd.read_csv(model_dir / "history.csv")
+    assert len(history) == card["training"]["refit"]["epochs"]  # no early stop: no validation
+    assert "pooled_test" in card["metrics"]  # the metrics stay those of the folds
+    predictor = load_model(model_dir)
+    assert len(predictor.members) == 1 and predictor.split_of(bags[0].bag_id) == "train"
+    # Run again: folds and refit are resumed, nothing is retrained.
+    before = (model_dir / "model.safetensors").stat().st_mtime_ns
+    train_bags(bags, model_dir, cfg)
+    assert (model_dir / "model.safetensors").stat().st_mtime_ns == before
+    with pytest.raises(ValueError, match="use --protocol cv"):
+        train_bags(bags, tmp_path / "h", cfg.model_copy(update={"protocol": "holdout"}))

@@ -9,8 +9,8 @@ from wsimil.evaluate import (
     evaluate,
     expected_calibration_error,
     point_metrics,
-    pooled_test_metrics,
 )
+from wsimil.train_results import pooled_test_metrics
 
 
 def _cohort(n=120, seed=0):
@@ -65,14 +65,14 @@ def test_pooled_test_metrics_take_each_bag_once_from_the_first_repeat():
             "slide_id": f"s{i}",
             "repeat": r,
             "split": "test",
-            "label": int(y[i]),
-            "probability": float(p[i] if r == 0 else 1 - p[i]),
+            "_y": int(y[i]),
+            "_p": np.array([1 - p[i], p[i]] if r == 0 else [p[i], 1 - p[i]]),
         }
         for r in (0, 1)
         for i in range(40)
     ]
-    rows += [{"slide_id": "s0", "repeat": 0, "split": "train", "label": 1, "probability": 0.0}]
-    pooled = pooled_test_metrics(rows, bags, n_boot=100)
+    rows += [{"slide_id": "s0", "repeat": 0, "split": "train", "_y": 1, "_p": np.array([1.0, 0.0])}]
+    pooled = pooled_test_metrics(rows, bags, ["0", "1"], threshold=0.5, n_boot=100)
     assert pooled["n_slides"] == 40 and pooled["n_cases"] == 20
     assert pooled["metrics"]["auc"]["value"] == pytest.approx(point_metrics(y, p)["auc"])
-    assert pooled_test_metrics(rows[:1], bags) is None  # one class only
+    assert pooled_test_metrics(rows[:1], bags, ["0", "1"], threshold=0.5) is None  # one class

@@ -105,7 +105,7 @@ def test_every_output_for_every_slide_and_attention_finds_the_lesions(cohort):
     assert summary["n_labelled"] == len(held_out) and sum(summary["splits"].values()) == len(pred)
     seen = len(pred) - len(held_out)
     assert f"/{len(held_out)} held-out slides correct ({seen} slides the model was trained" in index
-    pos = manifest[manifest.label == 1].slide_id.tolist()
+    pos = manifest[manifest.label == "1"].slide_id.tolist()
     loc = localisation(run, manifest, "gated_attention", pos)
     assert loc["n_slides"] >= 3 and loc["auc_mean"] > 0.8, loc
 
@@ -191,7 +191,7 @@ def test_embedding_poolings_score_and_map_each_tile_contribution(cohort, pooling
     run, manifest, lesions = cohort
     cfg = TrainConfig(name=pooling, model=pooling, epochs=15, hidden_dim=16, dropout=0.0, seed=0)
     run_train(manifest, run, cfg, encoder=ENC)
-    positive = manifest[manifest.label == 1].head(2)
+    positive = manifest[manifest.label == "1"].head(2)
     res = run_heatmap(
         positive, run, HeatmapConfig(thumbnail_px=96, top_k=0, pyramid_tiff=False,
         review_page=False), model_name=pooling,
@@ -358,7 +358,7 @@ def test_cv_leaves_an_ensemble_that_scores_another_unlabelled_cohort_from_where_
     with torch.inference_mode():
         probs = [float(torch.sigmoid(m(s(feats).unsqueeze(0)).logits)[0]) for m, s, _ in members]
     assert res.set_index("slide_id").probability[sid] == pytest.approx(np.mean(probs), abs=1e-6)
-    assert load_model(model_dir).score(feats)[0] == pytest.approx(np.mean(probs), abs=1e-6)
+    assert load_model(model_dir).score(feats)[0][1] == pytest.approx(np.mean(probs), abs=1e-6)
 
 
 def test_features_of_another_tile_size_or_encoder_weights_are_refused_per_slide(cohort, tmp_path):
@@ -428,3 +428,99 @@ def test_predict_scores_an_external_cohort_with_metrics_intervals_and_plots(coho
     out2 = other2 / "predictions" / "gated_attention"
     assert len(pd.read_csv(out2 / "predictions.csv")) == len(manifest)
     assert not (out2 / "metrics.json").exists()
+
+
+def test_a_three_class_model_draws_the_predicted_class_map_and_shows_every_class(cohort, tmp_path):
+    """String class labels: per-class attention branches, one map per class in the tile table,
+    every class probability on the review page and in predict's table."""
+    run, manifest, lesions = cohort
+    tri = manifest.copy()
+    negatives = [s for s in tri.slide_id if lesions[s].sum() == 0]
+    tri["label"] = [
+        "tumour" if lesions[s].sum() else ("normal" if negatives.index(s) % 2 else "stroma")
+        for s in tri.slide_id
+    ]
+    cfg = TrainConfig(name="tri", per_class_attention=True, epochs=3, hidden_dim=16,
+                      attention_dim=8, dropout=0.0, val_fraction=0.0, test_fraction=0.3)  # fmt: skip
+    res = run_train(tri, run, cfg, encoder=ENC)
+    assert res["classes"] == ["normal", "stroma", "tumour"] and "balanced_accuracy" in res
+    card = json.loads((run / "models" / "tri" / "card.json").read_text())
+    assert card["classes"] == ["normal", "stroma", "tumour"] and card["threshold"] is None
+    shown = tri.iloc[:4]
+    out = run_heatmap(shown, run, HeatmapConfig(thumbnail_px=128, top_k=1, crop_px=16,
+                      geojson=False, pyramid_tiff=False), model_name="tri")  # fmt: skip
+    assert (out.status == "ok").all(), out.message.tolist()
+    for sid in shown.slide_id:
+        folder = run / "heatmaps" / "tri" / "slides" / sid
+        rec = json.loads((folder / "slide.json").read_text())
+        probs = rec["probabilities"]
+        assert list(probs) == card["classes"] and sum(probs.values()) == pytest.approx(1, abs=1e-5)
+        assert rec["prediction"] == max(probs, key=probs.get)
+        assert rec["probability"] == pytest.approx(max(probs.values()))
+        table = pd.read_csv(folder / f"{sid}.csv")
+        for c in card["classes"]:  # each class's attention branch sums to 1 over the tiles
+            assert table[f"map_{c}"].sum() == pytest.approx(1, abs=1e-3)
+        np.testing.assert_allclose(table.attention, table[f"map_{rec['prediction']}"], atol=1e-6)
+    page = (run / "heatmaps" / "tri" / "index.html").read_text()
+    assert all(f"{c} 0." in page or f"{c} 1." in page for c in card["classes"])
+    from wsimil.predict import run_predict
+
+    run_predict(shown, run, "tri", n_boot=50)
+    pred = pd.read_csv(run / "predictions" / "tri" / "predictions.csv")
+    assert {f"p_{c}" for c in card["classes"]} <= set(pred.columns)
+    np.testing.assert_allclose(pred[[f"p_{c}" for c in card["classes"]]].sum(axis=1), 1, atol=1e-5)
+    # A label the model does not know is refused up front, naming the slide.
+    odd = shown.assign(label=["tumour", "normal", "stroma", "necrosis"])
+    with pytest.raises(ValueError, match=rf"{shown.slide_id.iloc[3]}: 'necrosis'"):
+        run_predict(odd, run, "tri")
+
+
+def test_predict_on_the_gpu_agrees_with_the_cpu_or_says_there_is_none(cohort, tmp_path):
+    import torch
+
+    from wsimil.predict import run_predict
+
+    run, manifest, _ = cohort
+    shown = manifest.iloc[:3]
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA device is visible; use --device cpu"):
+            run_predict(shown, run, "gated_attention", device="cuda")
+        return
+    outs = {}
+    for dev in ("cpu", "cuda"):
+        other = tmp_path / dev
+        shutil.copytree(run / "features", other / "features")
+        outs[dev] = run_predict(shown, other, str(run / "models" / "gated_attention"), device=dev)
+    np.testing.assert_allclose(outs["cpu"].probability, outs["cuda"].probability, atol=1e-4)
+
+
+def test_heatmap_draws_from_the_tables_predict_wrote_without_scoring_again(
+    cohort, tmp_path, monkeypatch
+):
+    import wsimil.heatmap as hm
+    from wsimil.predict import run_predict
+
+    run, manifest, _ = cohort
+    other = tmp_path / "ext"
+    for d in ("tiles", "features"):
+        shutil.copytree(run / d, other / d)
+    shown = manifest.iloc[:2]
+    model_dir = str(run / "models" / "gated_attention")
+    run_predict(shown, other, model_dir, n_boot=20)
+
+    def no_scoring(*_, **__):
+        raise AssertionError("scored again")
+
+    monkeypatch.setattr(hm, "slide_scores", no_scoring)
+    cfg = HeatmapConfig(thumbnail_px=128, top_k=1, crop_px=16, geojson=False, pyramid_tiff=False)
+    res = run_heatmap(shown, other, cfg, model_name=model_dir)
+    assert (res.status == "ok").all(), res.message.tolist()
+    for sid in shown.slide_id:
+        drawn = pd.read_csv(other / "heatmaps" / "gated_attention" / "slides" / sid / f"{sid}.csv")
+        scored = pd.read_csv(
+            other / "predictions" / "gated_attention" / "slides" / sid / "tiles.csv"
+        )
+        pd.testing.assert_frame_equal(drawn, scored)
+    # A slide predict has not scored is scored by the heatmap itself.
+    res = hm.run_heatmap(manifest.iloc[2:3], other, cfg, model_name=model_dir, report=False)
+    assert res.status.tolist() == ["error"] and "scored again" in res.message.iloc[0]

@@ -21,8 +21,8 @@ from wsimil.checkpoint import load_checkpoint, save_checkpoint
 from wsimil.cli import main
 from wsimil.config import TrainConfig
 from wsimil.encoders import create_encoder, normalise
+from wsimil.fit import build_model, predict_bags
 from wsimil.mil import list_mil_models
-from wsimil.train import build_model, predict_bags
 
 D = 8
 

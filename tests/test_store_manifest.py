@@ -65,7 +65,7 @@ def test_manifest_resolves_relative_paths_and_reads_mpp(tmp_path):
     assert df.slide_id.tolist() == ["007", "b"]  # ids stay strings
     assert df.path[0] == str(tmp_path.resolve() / "slides" / "a.svs") and df.path[1] == "/abs/b.svs"
     assert df.mpp[0] == 0.25 and df.mpp[1] is None
-    assert df.label.tolist() == [1, 0]  # classes as int
+    assert df.label.tolist() == ["1", "0"]  # class names ("1.0" is class 1)
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,8 @@
 """Bags for MIL training: slide feature stores of the embed stage, and generic bag tables.
 
-Both sources give a list of :class:`Bag` (features (N, D) float32, binary label, group), so
-``wsimil train`` runs one code path on a slide cohort and on a MIL CSV table.
+Both sources give a list of :class:`Bag` (features (N, D) float32, class index, group) and
+the class names the indices refer to (:mod:`wsimil.classes`), so ``wsimil train`` runs one
+code path on a slide cohort and on a MIL CSV table.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ class Bag:
 
     bag_id: str
     features: np.ndarray  # (N, D) float32, or a zarr.Array of shape (N, D)
-    label: int
+    label: int  # index into the cohort's classes (binary: 0 negative, 1 positive)
     group: str  # case_id, or bag_id when there is none
 
 
@@ -124,6 +125,7 @@ def load_slide_bags(
     store_of,
     *,
     label_column: str = "label",
+    classes: list[str] = ("0", "1"),
     memory_budget_gb: float = 8.0,
     console=None,
 ) -> tuple[list[Bag], list[dict]]:
@@ -133,7 +135,8 @@ def load_slide_bags(
     checked against ``memory_budget_gb`` before anything is loaded: within it, features are read
     into memory; over it, each bag keeps its Zarr array and is read when used (training caches
     what fits the budget, see :class:`BagTensors`). ``case_id`` (when present)
-    becomes the bag's group, so splits keep a patient's slides together.
+    becomes the bag's group, so splits keep a patient's slides together. A label is the index
+    of its class in ``classes`` (a label outside them is refused, naming the slides).
 
     Parameters
     ----------
@@ -168,13 +171,17 @@ def load_slide_bags(
             f"the features need {total_bytes / 2**30:.1f} GiB as float32, over the {memory_budget_gb} GiB budget: "
             "training keeps what fits in memory and reads the other slides from their stores at each use"
         )
+    from .classes import class_indices
+
+    labels = class_indices([rec[label_column] for rec, _ in present], list(classes),
+                           ids=[rec["slide_id"] for rec, _ in present], source="manifest")  # fmt: skip
     bags = []
-    for rec, g in present:
+    for (rec, g), label in zip(present, labels, strict=True):
         sid = str(rec["slide_id"])
         case = rec.get("case_id")
         group = str(case) if case is not None and not pd.isna(case) else sid
         feats = g["features"] if stream else np.asarray(g["features"][...], dtype=np.float32)
-        bags.append(Bag(sid, feats, int(rec[label_column]), group))
+        bags.append(Bag(sid, feats, int(label), group))
     if console is not None:
         for s in skipped:
             console.print(f"[yellow]skip[/yellow] {s['slide_id']}: {s['reason']}")
@@ -182,14 +189,23 @@ def load_slide_bags(
 
 
 def read_mil_table(path: str | Path) -> list[Bag]:
+    """The bags of :func:`read_bag_table` (labels are indices into its classes)."""
+    return read_bag_table(path)[0]
+
+
+def read_bag_table(path: str | Path, *, classes=None) -> tuple[list[Bag], list[str]]:
     """Read a MIL bag table: CSV without header, column 0 bag label, column 1 bag id, then features.
 
     The layout of the Musk1/Musk2/Elephant/UCSB files (one row per instance; the label repeated
-    on every row of its bag). Bags keep the order of first appearance.
+    on every row of its bag). Bags keep the order of first appearance. Labels with two numeric
+    values are binary, positive when above 0 (Musk's -1/1 and 0/1 alike); other labels are
+    class names (``LUAD``, ``2``...) in the order of ``classes`` or sorted
+    (:func:`wsimil.classes.class_set`).
 
     Returns
     -------
-    list of Bag, features (N_i, D) float32, group = bag id.
+    bags : list of Bag, features (N_i, D) float32, group = bag id, label = class index
+    classes : list of str
 
     Raises
     ------
@@ -215,11 +231,20 @@ def read_mil_table(path: str | Path) -> list[Bag]:
     x = feats.to_numpy(np.float32)
     labels = df.iloc[:, 0].to_numpy()
     ids = df.iloc[:, 1].astype(str).to_numpy()
-    bags = []
+    bag_ids, bag_labels = [], []
     for bag_id in pd.unique(ids):
-        rows = ids == bag_id
-        lab = np.unique(labels[rows])
+        lab = pd.unique(labels[ids == bag_id])
         if len(lab) != 1:
             raise ValueError(f"{path}: bag {bag_id} has rows with different labels {lab.tolist()}")
-        bags.append(Bag(str(bag_id), x[rows], int(lab[0] > 0), str(bag_id)))
-    return bags
+        bag_ids.append(str(bag_id))
+        bag_labels.append(lab[0])
+    numeric = pd.api.types.is_numeric_dtype(df.iloc[:, 0])
+    if numeric and not classes and len(set(bag_labels)) <= 2:  # binary: positive above 0
+        bag_labels, classes = [int(v > 0) for v in bag_labels], ["0", "1"]
+    else:
+        from .classes import class_indices, class_set
+
+        classes = class_set(bag_labels, configured=classes, source=str(path))
+        bag_labels = class_indices(bag_labels, classes, ids=bag_ids, source=str(path))
+    bags = [Bag(b, x[ids == b], int(lab), b) for b, lab in zip(bag_ids, bag_labels, strict=True)]
+    return bags, classes

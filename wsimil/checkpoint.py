@@ -33,19 +33,23 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
 LEGACY_FILE = "checkpoint.pt"
+MAX_CLASSES = 1000
 _MODEL_PREFIX = "model."
 _MEAN, _STD = "standardiser.mean", "standardiser.std"
 _RETRAIN = "delete the model folder and retrain with `wsimil train`, or get the whole folder again"
 
 
-def model_kwargs(cfg: TrainConfig) -> dict:
-    """The keyword arguments of :func:`wsimil.mil.create_mil` that a training config sets."""
+def model_kwargs(cfg: TrainConfig, n_classes: int = 2) -> dict:
+    """The keyword arguments of :func:`wsimil.mil.create_mil` that a training config (and the
+    number of classes of its labels) sets."""
     return {
         "hidden_dim": cfg.hidden_dim,
         "attention_dim": cfg.attention_dim,
         "dropout": cfg.dropout,
         "mlp_dims": cfg.mlp_dims,
         "instance_encoder": cfg.instance_encoder,
+        "n_classes": n_classes,
+        "per_class_attention": cfg.per_class_attention,
     }
 
 
@@ -70,6 +74,8 @@ def save_checkpoint(
     encoder: str | None,
     best_epoch: int,
     split: dict,
+    classes: list[str] = ("0", "1"),
+    threshold: float | None = 0.5,
     **extras,
 ) -> None:
     """Write a trained model to ``folder``: ``model.safetensors``, then ``model.json``.
@@ -92,6 +98,10 @@ def save_checkpoint(
         The epoch whose weights are kept.
     split : dict
         Bag id -> ``train``, ``val`` or ``test``.
+    classes : list of str
+        The class names in the order of the model's outputs (:mod:`wsimil.classes`).
+    threshold : float or None
+        The binary decision threshold chosen on the training slides (None: 3+ classes).
     **extras
         Further JSON-friendly items (e.g. ``repeat``, ``fold``), kept under ``extras``.
     """
@@ -113,8 +123,10 @@ def save_checkpoint(
         "format": MODEL_FORMAT,
         "format_version": FORMAT_VERSION,
         "model_name": cfg.model,
-        "model_kwargs": model_kwargs(cfg),
+        "model_kwargs": model_kwargs(cfg, len(classes)),
         "in_dim": int(model.in_dim),
+        "classes": [str(c) for c in classes],
+        "threshold": threshold,
         "encoder": encoder,
         "best_epoch": int(best_epoch),
         "split": {str(k): v for k, v in split.items()},
@@ -188,6 +200,8 @@ def _read_meta(path: Path) -> dict:
     problem = _meta_problem(meta)
     if problem:
         raise ValueError(f"{path}: not a valid wsimil model file ({problem}); {_RETRAIN}")
+    meta.setdefault("classes", ["0", "1"])  # models before class names were binary 0/1
+    meta.setdefault("threshold", 0.5)
     return meta
 
 
@@ -223,9 +237,25 @@ def _meta_problem(meta) -> str | None:
         "weights_sha256": isinstance(meta.get("weights_sha256"), str)
         and len(meta["weights_sha256"]) == 64
         and all(c in "0123456789abcdef" for c in meta["weights_sha256"]),
+        "classes": _classes_ok(meta.get("classes", ["0", "1"]), meta["model_kwargs"]),
+        "threshold": meta.get("threshold", 0.5) is None
+        or (_is_number(meta.get("threshold", 0.5)) and 0 < meta.get("threshold", 0.5) < 1),
     }
     bad = [k for k, ok in checks.items() if not ok]
     return f"bad or missing {', '.join(bad)}" if bad else None
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _classes_ok(classes, kwargs: dict) -> bool:
+    """Distinct short names, as many as the model has classes."""
+    return (
+        isinstance(classes, list)
+        and all(isinstance(c, str) and 0 < len(c) <= 64 for c in classes)
+        and len(set(classes)) == len(classes) == kwargs.get("n_classes", 2)
+    )
 
 
 def _kwargs_problem(kwargs) -> str | None:
@@ -233,8 +263,10 @@ def _kwargs_problem(kwargs) -> str | None:
     if not isinstance(kwargs, dict):
         return "model_kwargs must be an object"
     unknown = sorted(
-        set(kwargs) - {"hidden_dim", "attention_dim", "dropout", "mlp_dims", "instance_encoder"}
-    )
+        set(kwargs)
+        - {"hidden_dim", "attention_dim", "dropout", "mlp_dims", "instance_encoder", "n_classes",
+           "per_class_attention"}
+    )  # fmt: skip
     if unknown:
         return f"model_kwargs has unknown keys {', '.join(map(repr, unknown))}"
     dropout, dims = kwargs.get("dropout", 0.0), kwargs.get("mlp_dims")
@@ -245,6 +277,8 @@ def _kwargs_problem(kwargs) -> str | None:
         and math.isfinite(dropout) and 0 <= dropout < 1,
         "mlp_dims": dims is None or (isinstance(dims, list) and all(_is_int(d, 1) for d in dims)),
         "instance_encoder": kwargs.get("instance_encoder") in (None, "mlp", "lenet"),
+        "n_classes": _is_int(kwargs.get("n_classes", 2), 2) and kwargs.get("n_classes", 2) <= MAX_CLASSES,
+        "per_class_attention": kwargs.get("per_class_attention", False) in (True, False),
     }  # fmt: skip
     bad = [k for k, ok in checks.items() if not ok]
     return f"bad model_kwargs {', '.join(bad)}" if bad else None

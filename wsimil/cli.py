@@ -167,9 +167,8 @@ def embed(run_dir, manifest, config_file, devices, overwrite, shard, slides, ove
 @section_options(TrainConfig, "train")
 def train(run_dir, manifest, config_file, encoder, bag_table, memory_budget_gb, overrides):
     """Train a MIL model on the slide features (or a bag table) -> RUN_DIR/models/<name>/."""
-    from .bags import read_mil_table
     from .layout import RunLayout
-    from .train import run_train, train_bags
+    from .train import run_train, run_train_table
 
     given = overrides["train"]
     given["name"] = given["name"] or given["model"]  # a new pooling gets its own folder
@@ -181,7 +180,7 @@ def train(run_dir, manifest, config_file, encoder, bag_table, memory_budget_gb, 
 
             cfg = load_config(config_file, **overrides)
             model_dir = RunLayout(run_dir).model_dir(cfg.train.name)
-            res = train_bags(read_mil_table(bag_table), model_dir, cfg.train, console=console)
+            res = run_train_table(bag_table, model_dir, cfg.train, console=console)
         else:
             cfg, df = _load(run_dir, manifest, config_file, overrides=overrides, require_label=True)
             res = run_train(
@@ -190,9 +189,13 @@ def train(run_dir, manifest, config_file, encoder, bag_table, memory_budget_gb, 
             )  # fmt: skip
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         raise click.ClickException(str(exc).splitlines()[0]) from exc
+    shown = [
+        c for c in ("accuracy", "balanced_accuracy", "precision", "recall", "f1", "auc") if c in res
+    ]
+    macro = " (F1, AUC: macro)" if len(res["classes"]) > 2 else ""
     console.print(
-        f"test ({res['n_folds']} fold(s), {res['n']} predictions): accuracy {res['accuracy']:.3f} ± {res['accuracy_std']:.3f}  "
-        f"precision {res['precision']:.3f}  recall {res['recall']:.3f}  F1 {res['f1']:.3f}  AUC {res['auc']:.3f} ± {res['auc_std']:.3f}"
+        f"test ({res['n_folds']} fold(s), {res['n']} predictions, classes {', '.join(res['classes'])}){macro}: "
+        + "  ".join(f"{c} {res[c]:.3f} ± {res[c + '_std']:.3f}" for c in shown)
     )
     console.print(f"model written to {res['model_dir']}")
 
@@ -255,10 +258,21 @@ def heatmap(run_dir, manifest, config_file, model_name, overwrite, shard, slides
     show_default=True,
     help="Bootstrap replicates of the 95% intervals.",
 )
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="cpu",
+    show_default=True,
+    help="Where the model scores the slides (auto: CUDA when visible).",
+)
+@click.option(
+    "--threads", type=int, default=0, help="CPU threads for scoring (0: torch's default)."
+)
 @OVERWRITE
 @SHARD
 @SLIDES
-def predict(run_dir, manifest, config_file, model_name, bootstrap, overwrite, shard, slides):
+def predict(run_dir, manifest, config_file, model_name, bootstrap, device, threads, overwrite,
+            shard, slides):  # fmt: skip
     """Score a cohort with a trained model -> RUN_DIR/predictions/<model>/ (labels optional).
 
     With labels: metrics.json (AUC, balanced accuracy, F1, sensitivity, specificity with 95%
@@ -273,7 +287,7 @@ def predict(run_dir, manifest, config_file, model_name, bootstrap, overwrite, sh
     try:
         result = run_predict(
             _select(df, shard, slides), run_dir, model_name, overwrite=overwrite,
-            console=console, cohort=whole, n_boot=bootstrap,
+            console=console, cohort=whole, n_boot=bootstrap, device=device, threads=threads,
         )  # fmt: skip
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc).splitlines()[0]) from exc

@@ -31,6 +31,15 @@ class _IntList(click.ParamType):
             self.fail(f"{value!r}: expected comma-separated integers, e.g. 256,128", param, ctx)
 
 
+class _StrList(click.ParamType):
+    name = "A,B,..."
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        return [v.strip() for v in str(value).split(",") if v.strip()]
+
+
 def _base_type(annotation):
     """``X | None`` -> ``X``."""
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
@@ -51,7 +60,7 @@ def field_option(section: type[BaseModel], name: str) -> click.Option:
     if typing.get_origin(ann) is typing.Literal:
         kind = click.Choice([str(a) for a in typing.get_args(ann)])
     elif typing.get_origin(ann) is list:
-        kind = _IntList()
+        kind = _IntList() if typing.get_args(ann) == (int,) else _StrList()
     elif ann in (int, float, str):
         kind = ann
     else:  # pragma: no cover - a new kind of field needs a rule here

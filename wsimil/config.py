@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class _Section(BaseModel):
@@ -81,6 +81,22 @@ class TrainConfig(_Section):
         description="MIL pooling: gated_attention, attention, embedding_mean, embedding_max, instance_mean, instance_max",
     )
     label_column: str = Field("label", description="manifest column with the slide labels")
+    classes: list[str] | None = Field(
+        None,
+        description="class names in order (None: the training labels' distinct values, 0/1 for binary; 3+ classes train a softmax head)",
+    )
+    per_class_attention: bool = Field(
+        False,
+        description="attention poolings with 3+ classes: one attention branch per class (a heatmap per class)",
+    )
+    refit: bool = Field(
+        False,
+        description="after CV, train one model on every labelled slide for the median best epoch of the folds and deploy it instead of the fold ensemble",
+    )
+    threshold: float | Literal["youden"] = Field(
+        0.5,
+        description="binary decision threshold: a number, or youden (chosen on each model's training slides; the card states it)",
+    )
     hidden_dim: int = Field(256, ge=1, description="width of the instance MLP f")
     attention_dim: int = Field(128, ge=1, description="width of the attention network")
     dropout: float = Field(0.25, ge=0, lt=1, description="dropout in f")
@@ -134,6 +150,13 @@ class TrainConfig(_Section):
         description="CPU threads for training (0: auto, 1 for bags of at most 1M feature values, else every CPU this process may use)",
     )
 
+    @field_validator("threshold")
+    @classmethod
+    def _threshold_in_range(cls, v):
+        if v != "youden" and not 0 < float(v) < 1:
+            raise ValueError(f"threshold must be between 0 and 1 or 'youden', got {v!r}")
+        return v
+
 
 class HeatmapConfig(_Section):
     cmap: str = Field("turbo", description="Matplotlib colormap of the overlay")
@@ -153,6 +176,10 @@ class HeatmapConfig(_Section):
     )
     review_page: bool = Field(
         True, description="the cohort's index.html (written with predictions.csv by the report)"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "cpu",
+        description="where the model scores the slides: cpu, cuda or auto (CUDA when visible)",
     )
 
 

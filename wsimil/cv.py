@@ -67,9 +67,10 @@ def kfold_splits(
     from sklearn.model_selection import StratifiedKFold
 
     groups, y = _group_labels(bags)
-    if min(np.bincount(y, minlength=2)) < n_folds:
+    per_class = np.bincount(y, minlength=max(2, int(y.max()) + 1))
+    if min(per_class) < n_folds:
         raise ValueError(
-            f"{len(groups)} cases with {np.bincount(y, minlength=2).tolist()} per class: too few for {n_folds} stratified folds; lower n_folds"
+            f"{len(groups)} cases with {per_class.tolist()} per class: too few for {n_folds} stratified folds; lower n_folds"
         )
     garr = np.array(groups)
     folds = []
@@ -149,7 +150,33 @@ def binary_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5
     return {k: (float(v) if k != "n" else int(v)) for k, v in out.items()}
 
 
+def class_metrics(labels: np.ndarray, probs: np.ndarray, *, threshold: float = 0.5) -> dict:
+    """Per-fold test metrics from class indices (K,) and class probabilities (K, C).
+
+    Two classes: :func:`binary_metrics` of the positive class (the paper's columns). Three or
+    more: accuracy, balanced accuracy, macro F1 and macro one-vs-rest ROC AUC (NaN unless
+    every class is present).
+    """
+    probs = np.asarray(probs, dtype=float).reshape(len(labels), -1)
+    if probs.shape[1] == 2:
+        return binary_metrics(labels, probs[:, 1], threshold)
+    from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
+
+    labels = np.asarray(labels).astype(int)
+    pred = probs.argmax(axis=1)
+    every = len(labels) and set(labels.tolist()) == set(range(probs.shape[1]))
+    return {
+        "n": int(len(labels)),
+        "accuracy": float((pred == labels).mean()) if len(labels) else float("nan"),
+        "balanced_accuracy": float(balanced_accuracy_score(labels, pred)) if len(labels) else float("nan"),
+        "f1": float(f1_score(labels, pred, average="macro", labels=range(probs.shape[1]), zero_division=0)),
+        "auc": float(roc_auc_score(labels, probs, multi_class="ovr", average="macro")) if every else float("nan"),
+    }  # fmt: skip
+
+
+#: binary columns (the paper's); 3+ classes report accuracy, balanced_accuracy, f1 and auc (macro)
 METRIC_COLUMNS = ["accuracy", "precision", "recall", "f1", "auc"]
+SUMMARY_COLUMNS = ["accuracy", "balanced_accuracy", "precision", "recall", "f1", "auc"]
 
 
 def make_folds(
@@ -184,8 +211,8 @@ def make_folds(
 
 
 def summarise_metrics(per_fold: pd.DataFrame) -> pd.DataFrame:
-    """Mean and std over folds of the paper's columns; one row ``mean`` and one ``std``."""
-    cols = [c for c in METRIC_COLUMNS if c in per_fold]
+    """Mean and std over folds of the metric columns; one row ``mean`` and one ``std``."""
+    cols = [c for c in SUMMARY_COLUMNS if c in per_fold]
     return pd.DataFrame(
         {
             "stat": ["mean", "std"],

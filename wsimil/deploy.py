@@ -7,7 +7,10 @@ with the folder to another site. It names:
   (cross-validation: the fold models under ``folds/``, whose probabilities are averaged, as are
   their attention and per-tile maps);
 - ``members``: the model folders, relative to the card (``.`` or ``folds/r<i>_f<j>``);
-- ``classes`` and ``threshold``: what the probability means and where a slide is called positive;
+- ``classes``: the class names in the order of the model's outputs (two: the second is the
+  positive class); ``threshold``: where a binary slide is called positive (a number, or chosen
+  by Youden's rule on each model's training slides: ``threshold_rule``), ``null`` for three or
+  more classes (the most probable class is the prediction);
 - ``features``: the encoder (name, weights id, input size, mean/std...) and the tile geometry
   (target mpp, tile px) of the features it was trained on. Features made otherwise are refused,
   slide by slide (:func:`check_features`);
@@ -50,8 +53,8 @@ def feature_signature(store_attrs: dict) -> dict:
     return {"encoder": enc, "tiles": {k: tiles.get(k) for k in TILE_KEYS}}
 
 
-def write_card(model_dir: Path, *, kind: str, members: list[str], cfg, features: dict | None,
-               training: dict, metrics: dict) -> Path:  # fmt: skip
+def write_card(model_dir: Path, *, kind: str, members: list[str], cfg, classes: list[str],
+               decision: dict, features: dict | None, training: dict, metrics: dict) -> Path:  # fmt: skip
     """Write ``card.json`` (last, atomically) for the trained model in ``model_dir``."""
     import torch
 
@@ -63,8 +66,8 @@ def write_card(model_dir: Path, *, kind: str, members: list[str], cfg, features:
         "kind": kind,
         "members": members,
         "model": cfg.model,
-        "classes": [0, 1],
-        "threshold": 0.5,
+        "classes": [str(c) for c in classes],
+        **decision,
         "features": features,
         "training": training,
         "metrics": metrics,
@@ -93,6 +96,13 @@ def read_card(model_dir: Path) -> dict:
         or not all(isinstance(m, str) and _MEMBER.fullmatch(m) for m in members)
     ):
         raise ValueError(f"{path}: 'members' must list '.' or folds/r<i>_f<j> folders")
+    classes, threshold = card.get("classes", [0, 1]), card.get("threshold", 0.5)
+    if not (isinstance(classes, list) and 2 <= len(classes) <= 1000
+            and len({str(c) for c in classes}) == len(classes)
+            and all(isinstance(c, str | int) and 0 < len(str(c)) <= 64 for c in classes)):  # fmt: skip
+        raise ValueError(f"{path}: 'classes' must list 2 or more distinct class names")
+    if threshold is not None and not (isinstance(threshold, int | float) and 0 < threshold < 1):
+        raise ValueError(f"{path}: 'threshold' must be a number between 0 and 1, or null")
     return card
 
 
@@ -111,7 +121,19 @@ class Predictor:
         self.meta = members[0][2]
         self.in_dim = int(self.meta["in_dim"])
         self.encoder = (card or {}).get("features", {}) or {}
-        self.threshold = float((card or {}).get("threshold", 0.5))
+        self.classes = [str(c) for c in (card or self.meta).get("classes", ["0", "1"])]
+        threshold = (card or self.meta).get("threshold", 0.5)
+        self.threshold = None if len(self.classes) > 2 else float(threshold or 0.5)
+        self.device = "cpu"
+
+    def to(self, device: str) -> Predictor:
+        """Score on ``device`` (``auto``, ``cpu`` or ``cuda``; :func:`wsimil.devices.pick_device`)."""
+        from .devices import pick_device
+
+        self.device = pick_device(device)
+        for model, _, _ in self.members:
+            model.to(self.device)
+        return self
 
     def split_of(self, slide_id: str) -> str:
         """What the model saw of a slide: its split (``train``, ``val``, ``test``) or ``external``.
@@ -129,27 +151,44 @@ class Predictor:
         enc = self.encoder.get("encoder") or {}
         return enc.get("name") or self.meta.get("encoder")
 
-    def score(self, features: np.ndarray) -> tuple[float, dict[str, np.ndarray | None]]:
-        """Slide probability and per-tile maps for (N, D) features, averaged over members.
+    def decide(self, probs: np.ndarray) -> tuple[float, str]:
+        """The reported probability and predicted class name of class probabilities (C,)."""
+        from .classes import decide
+
+        return decide(probs, self.classes, self.threshold)
+
+    def score(self, features: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray | None]]:
+        """Class probabilities and per-tile maps for (N, D) features, averaged over members.
 
         Returns
         -------
-        probability : float
-        maps : dict of (N,) arrays or None: ``attention``, ``instance_scores``, ``contributions``
+        probs : (C,) array (binary: [1 - p, p])
+        maps : dict of arrays or None: ``attention``, ``instance_scores``, ``contributions``
+            (N,) and ``class_maps`` (C, N) (3+ classes: each class's map; the (N,) map is then
+            the predicted class's, taken after averaging)
         """
         import torch
 
-        probs, maps = [], {"attention": [], "instance_scores": [], "contributions": []}
+        from .classes import probabilities
+
+        probs, maps = [], {"attention": [], "instance_scores": [], "contributions": [],
+                           "class_maps": []}  # fmt: skip
         with torch.inference_mode():
             for model, std, _ in self.members:
-                out = model(std(features).unsqueeze(0))
-                probs.append(float(torch.sigmoid(out.logits)[0]))
+                out = model(std(features).to(self.device).unsqueeze(0))
+                probs.append(probabilities(out.logits)[0].cpu().numpy())
                 for k in maps:
                     v = getattr(out, k)
                     if v is not None:
-                        maps[k].append(v[0].float().numpy())
+                        maps[k].append(v[0].float().cpu().numpy())
         mean = {k: (np.mean(v, axis=0) if v else None) for k, v in maps.items()}
-        return float(np.mean(probs)), mean
+        p = np.mean(probs, axis=0)
+        if mean["class_maps"] is not None:  # the ensemble's predicted class's map
+            top = mean["class_maps"][int(np.argmax(p))]
+            for k in ("attention", "instance_scores", "contributions"):
+                if mean[k] is not None:
+                    mean[k] = top
+        return p, mean
 
 
 def load_model(folder: str | Path) -> Predictor:
@@ -160,6 +199,9 @@ def load_model(folder: str | Path) -> Predictor:
     if (folder / CARD_FILE).is_file():
         card = read_card(folder)
         members = [load_checkpoint(folder / m) for m in card["members"]]
+        if any(m[2]["classes"] != [str(c) for c in card.get("classes", [0, 1])] for m in members):
+            raise ValueError(f"{folder / CARD_FILE}: its classes differ from its models'; "
+                             "retrain or copy the folder again")  # fmt: skip
         return Predictor(members, card, folder)
     if (folder / META_FILE).is_file() or (folder / "checkpoint.pt").is_file():
         return Predictor([load_checkpoint(folder)], None, folder)

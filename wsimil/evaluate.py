@@ -1,7 +1,11 @@
 """Metrics a reviewer accepts: point estimates with stratified bootstrap 95% intervals over
 cases, calibration, and the ROC and reliability plots.
 
-Used by ``wsimil predict`` for external validation (any cohort with labels).
+Used by ``wsimil train`` (the pooled test predictions of its folds) and ``wsimil predict``
+(external validation, any cohort with labels). Two classes: AUC, balanced accuracy, F1,
+sensitivity, specificity and accuracy at the model's threshold. Three or more: macro
+one-vs-rest AUC, balanced accuracy, macro F1, accuracy and the confusion matrix; calibration
+of the predicted class's probability (top-label).
 """
 
 from __future__ import annotations
@@ -13,6 +17,25 @@ import numpy as np
 from .store import atomic_output
 
 METRICS = ("auc", "balanced_accuracy", "f1", "sensitivity", "specificity", "accuracy")
+MULTICLASS_METRICS = ("auc", "balanced_accuracy", "f1", "accuracy")
+
+
+def multiclass_metrics(y: np.ndarray, p: np.ndarray, **_) -> dict[str, float]:
+    """Macro one-vs-rest AUC (NaN unless every class is present), balanced accuracy (mean
+    recall of the classes present), macro F1 and accuracy for class indices ``y`` (K,) and
+    probabilities ``p`` (K, C)."""
+    from .cv import class_metrics
+
+    m = class_metrics(y, p)
+    return {k: m[k] for k in MULTICLASS_METRICS}
+
+
+def confusion(y: np.ndarray, p: np.ndarray) -> list[list[int]]:
+    """Confusion matrix (C, C): rows true class, columns predicted (most probable) class."""
+    c = p.shape[1]
+    out = np.zeros((c, c), dtype=int)
+    np.add.at(out, (np.asarray(y, int), p.argmax(axis=1)), 1)
+    return out.tolist()
 
 
 def point_metrics(y: np.ndarray, p: np.ndarray, *, threshold: float = 0.5) -> dict[str, float]:
@@ -39,9 +62,20 @@ def point_metrics(y: np.ndarray, p: np.ndarray, *, threshold: float = 0.5) -> di
     }
 
 
+def _top_label(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Binary (y, p) -> itself; (K, C) probabilities -> (predicted class correct, its probability)."""
+    p = np.asarray(p, float)
+    if p.ndim == 1:
+        return np.asarray(y, float), p
+    if p.shape[1] == 2:
+        return np.asarray(y, float), p[:, 1]
+    return (p.argmax(axis=1) == np.asarray(y)).astype(float), p.max(axis=1)
+
+
 def expected_calibration_error(y: np.ndarray, p: np.ndarray, *, bins: int = 10) -> float:
-    """Mean |observed rate - mean probability| over equal-width bins, weighted by their counts."""
-    y, p = np.asarray(y, float), np.asarray(p, float)
+    """Mean |observed rate - mean probability| over equal-width bins, weighted by their counts
+    (3+ classes: of the predicted class's probability and whether it is right)."""
+    y, p = _top_label(y, p)
     idx = np.minimum((p * bins).astype(int), bins - 1)
     err = 0.0
     for b in range(bins):
@@ -55,28 +89,31 @@ def bootstrap_intervals(
     y: np.ndarray, p: np.ndarray, groups: np.ndarray, *, threshold: float = 0.5,
     n_boot: int = 1000, seed: int = 0, level: float = 0.95,
 ) -> dict[str, tuple[float, float]]:  # fmt: skip
-    """Percentile intervals of :func:`point_metrics`, resampling cases within each class.
+    """Percentile intervals of :func:`point_metrics` (``p`` (K,)) or :func:`multiclass_metrics`
+    (``p`` (K, C)), resampling cases within each class.
 
-    Slides of one case (``groups``) are drawn together; positive and negative cases are
-    resampled separately so every replicate keeps the cohort's class balance (a case's class
-    is its highest slide label).
+    Slides of one case (``groups``) are drawn together; the cases of each class are resampled
+    separately so every replicate keeps the cohort's class balance (a case's class is its
+    highest slide label).
 
     Returns
     -------
     dict metric -> (low, high); NaN where a metric is undefined in too many replicates.
     """
     y, p, groups = np.asarray(y).astype(int), np.asarray(p, float), np.asarray(groups)
+    binary = p.ndim == 1
+    score, names = (point_metrics, METRICS) if binary else (multiclass_metrics, MULTICLASS_METRICS)
     cases, inverse = np.unique(groups, return_inverse=True)
     rows_of = [np.flatnonzero(inverse == i) for i in range(len(cases))]
     case_y = np.array([y[r].max() for r in rows_of])
-    by_class = [np.flatnonzero(case_y == c) for c in (0, 1)]
+    by_class = [np.flatnonzero(case_y == c) for c in np.unique(case_y)]
     rng = np.random.default_rng(seed)
-    draws = {m: [] for m in METRICS}
+    draws = {m: [] for m in names}
     for _ in range(n_boot):
         picked = [rng.choice(c, size=len(c), replace=True) for c in by_class if len(c)]
         rows = np.concatenate([rows_of[i] for i in np.concatenate(picked)])
-        m = point_metrics(y[rows], p[rows], threshold=threshold)
-        for k in METRICS:
+        m = score(y[rows], p[rows], threshold=threshold)
+        for k in names:
             draws[k].append(m[k])
     lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
     out = {}
@@ -90,23 +127,45 @@ def bootstrap_intervals(
     return out
 
 
-def evaluate(y, p, groups, *, threshold: float = 0.5, n_boot: int = 1000, seed: int = 0) -> dict:
-    """Point metrics, their 95% intervals, ECE and counts, as one JSON-friendly dict."""
-    point = point_metrics(y, p, threshold=threshold)
+def evaluate(y, p, groups, *, classes=None, threshold: float | None = 0.5, n_boot: int = 1000,
+             seed: int = 0) -> dict:  # fmt: skip
+    """Point metrics, their 95% intervals, ECE and counts, as one JSON-friendly dict.
+
+    ``y``: class indices (K,); ``p``: the positive class's probability (K,), or class
+    probabilities (K, C) (two columns: binary). ``classes`` names them (default 0, 1).
+    """
+    y, p = np.asarray(y).astype(int), np.asarray(p, float)
+    if p.ndim == 2 and p.shape[1] == 2:
+        p = p[:, 1]
+    classes = [str(c) for c in (classes or ["0", "1"])]
+    threshold = 0.5 if threshold is None else threshold
+    binary = p.ndim == 1
+    point = (point_metrics if binary else multiclass_metrics)(y, p, threshold=threshold)
     ci = bootstrap_intervals(y, p, groups, threshold=threshold, n_boot=n_boot, seed=seed)
-    return {
+    out = {
         "n_slides": int(len(y)),
         "n_cases": int(len(np.unique(groups))),
-        "n_positive": int(np.sum(np.asarray(y) == 1)),
-        "threshold": threshold,
-        "metrics": {k: {"value": point[k], "ci95": list(ci[k])} for k in METRICS},
+        "classes": classes,
+        "n_per_class": np.bincount(y, minlength=len(classes)).tolist(),
+        "n_positive": int(np.sum(y == 1)) if binary else None,
+        "threshold": threshold if binary else None,
+        "metrics": {k: {"value": point[k], "ci95": list(ci[k])} for k in point},
         "ece": expected_calibration_error(y, p),
         "bootstrap": {"replicates": n_boot, "seed": seed, "unit": "case, within class"},
     }
+    if not binary:
+        out["confusion_matrix"] = {"rows": "true class", "columns": "predicted class",
+                                   "counts": confusion(y, p)}  # fmt: skip
+        out["averaging"] = "macro over classes; AUC one-vs-rest"
+    return out
 
 
-def plot_roc_and_calibration(y, p, out_dir: Path, *, title: str) -> list[Path]:
-    """``roc.png`` and ``calibration.png`` (reliability diagram, 10 bins) in ``out_dir``."""
+def plot_roc_and_calibration(y, p, out_dir: Path, *, title: str, classes=None) -> list[Path]:
+    """``roc.png`` and ``calibration.png`` (reliability diagram, 10 bins) in ``out_dir``.
+
+    ``p``: (K,) positive-class probabilities or (K, C) class probabilities; 3+ classes draw one
+    one-vs-rest ROC curve per class and the calibration of the predicted class's probability.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -114,42 +173,37 @@ def plot_roc_and_calibration(y, p, out_dir: Path, *, title: str) -> list[Path]:
     from sklearn.metrics import roc_curve
 
     y, p = np.asarray(y).astype(int), np.asarray(p, float)
+    if p.ndim == 2 and p.shape[1] == 2:
+        p = p[:, 1]
+    names = [str(c) for c in (classes or range(1 if p.ndim == 1 else p.shape[1]))]
     paths = []
     fig, ax = plt.subplots(figsize=(4, 4), dpi=120)
-    if len(set(y.tolist())) == 2:
-        fpr, tpr, _ = roc_curve(y, p)
-        ax.plot(fpr, tpr, lw=2)
+    curves = [(None, y, p)] if p.ndim == 1 else [(n, y == k, p[:, k]) for k, n in enumerate(names)]
+    for name, yk, pk in curves:
+        if len(set(np.asarray(yk, int).tolist())) == 2:
+            fpr, tpr, _ = roc_curve(np.asarray(yk, int), pk)
+            ax.plot(fpr, tpr, lw=2, label=None if name is None else f"{name} vs rest")
+    if p.ndim == 2:
+        ax.legend(fontsize=7, loc="lower right")
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"ROC: {title}")
     paths.append(Path(out_dir) / "roc.png")
     with atomic_output(paths[-1]) as tmp:
         fig.savefig(tmp, format="png", bbox_inches="tight")
     plt.close(fig)
+    hit, conf = _top_label(y, p)
     fig, ax = plt.subplots(figsize=(4, 4), dpi=120)
     edges = np.linspace(0, 1, 11)
-    idx = np.minimum((p * 10).astype(int), 9)
-    mids = [p[idx == b].mean() for b in range(10) if (idx == b).any()]
-    rates = [y[idx == b].mean() for b in range(10) if (idx == b).any()]
+    idx = np.minimum((conf * 10).astype(int), 9)
+    mids = [conf[idx == b].mean() for b in range(10) if (idx == b).any()]
+    rates = [hit[idx == b].mean() for b in range(10) if (idx == b).any()]
     ax.plot(mids, rates, "o-", lw=2)
     ax.plot(edges, edges, "k--", lw=0.8)
-    ax.set(xlabel="mean predicted probability", ylabel="observed positive rate",
-           title=f"calibration: {title}", xlim=(0, 1), ylim=(0, 1))  # fmt: skip
+    xlabel, ylabel = (("mean predicted probability", "observed positive rate") if p.ndim == 1
+                      else ("probability of the predicted class", "share predicted right"))  # fmt: skip
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=f"calibration: {title}", xlim=(0, 1), ylim=(0, 1))
     paths.append(Path(out_dir) / "calibration.png")
     with atomic_output(paths[-1]) as tmp:
         fig.savefig(tmp, format="png", bbox_inches="tight")
     plt.close(fig)
     return paths
-
-
-def pooled_test_metrics(pred_rows: list[dict], bags: list, *, n_boot: int = 1000) -> dict | None:
-    """Metrics over the test predictions pooled across folds (repeat 0: each bag once), with
-    stratified case-bootstrap 95% intervals (:func:`wsimil.evaluate.evaluate`); None when the
-    test bags lack a class."""
-    group = {b.bag_id: b.group for b in bags}
-    rows = [r for r in pred_rows if r["split"] == "test" and r.get("repeat", 0) == 0]
-    y = np.array([int(r["label"]) for r in rows])
-    if len(set(y.tolist())) < 2:
-        return None
-    p = np.array([float(r["probability"]) for r in rows])
-    g = np.array([str(group[r["slide_id"]]) for r in rows])
-    return evaluate(y, p, g, n_boot=n_boot)

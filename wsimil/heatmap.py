@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .classes import check_manifest_labels
 from .config import HeatmapConfig
 from .deploy import check_features
 from .earlier import before_heatmap
@@ -61,18 +62,30 @@ def percentile_rank(values: np.ndarray) -> np.ndarray:
     return (order / (n - 1)).astype(np.float32)
 
 
-def slide_scores(predictor, features: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
-    """Slide probability and per-tile scores from a deployable model (:class:`wsimil.deploy.Predictor`).
+def slide_scores(predictor, features: np.ndarray) -> tuple[dict, dict[str, np.ndarray]]:
+    """Slide prediction and per-tile scores from a deployable model (:class:`wsimil.deploy.Predictor`).
 
     Returns
     -------
-    probability : float
+    decision : dict
+        ``probability`` (binary: of the positive class; else of the predicted class),
+        ``prediction`` (class name, an int for integer classes) and, for three or more
+        classes, ``probabilities`` (class name -> probability).
     per_tile : dict of (N,) arrays: ``attention`` (raw weight; for instance models the instance
-        score; for embedding poolings each tile's contribution, :class:`wsimil.mil.MILOutput`),
-        ``attention_scaled`` (min-max per slide), ``rank``, and ``instance_score``
-        (NaN for attention models). An ensemble averages each over its members.
+        score; for embedding poolings each tile's contribution, :class:`wsimil.mil.MILOutput`;
+        with 3+ classes the predicted class's map), ``attention_scaled`` (min-max per slide),
+        ``rank``, ``instance_score`` (NaN for attention models) and, where the model has a
+        map per class, ``map_<class>`` for each. An ensemble averages each over its members.
     """
-    prob, maps = predictor.score(features)
+    from .classes import class_value
+
+    probs, maps = predictor.score(features)
+    prob, pred = predictor.decide(probs)
+    decision = {"probability": prob, "prediction": class_value(pred)}
+    if len(predictor.classes) > 2:
+        decision["probabilities"] = {
+            c: float(v) for c, v in zip(predictor.classes, probs, strict=True)
+        }
     nan = np.full(len(features), np.nan, np.float32)
     if maps["attention"] is not None:
         att, inst = maps["attention"], nan
@@ -80,23 +93,24 @@ def slide_scores(predictor, features: np.ndarray) -> tuple[float, dict[str, np.n
         att = inst = maps["instance_scores"]
     else:  # embedding poolings: each tile's part in the pooled vector (see MILOutput)
         att, inst = maps["contributions"], nan
-    return prob, {
+    per_tile = {
         "attention": att.astype(np.float32),
         "attention_scaled": minmax(att),
         "rank": percentile_rank(att),
         "instance_score": inst.astype(np.float32),
     }
+    if maps["class_maps"] is not None:
+        for c, m in zip(predictor.classes, maps["class_maps"], strict=True):
+            per_tile[f"map_{c}"] = m.astype(np.float32)
+    return decision, per_tile
 
 
 def _label(value):
-    """A manifest label as JSON-friendly value (None when empty; 1.0 -> 1)."""
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return None
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
+    """A manifest label as JSON-friendly class value (None when empty; 1.0 -> 1; names as text)."""
+    from .classes import class_value, label_text
+
+    name = label_text(value)
+    return None if name is None else class_value(name)
 
 
 def model_location(layout: RunLayout, model: str) -> tuple[Path, str]:
@@ -126,7 +140,7 @@ class HeatmapStage(SlideStage):
         folder, self.model_name = model_location(layout, model)
         super().__init__(layout.heatmaps(self.model_name))
         self.layout, self.cfg = layout, cfg
-        self.predictor = load_model(folder)  # never unpickles
+        self.predictor = load_model(folder).to(cfg.device)  # never unpickles
         # Slides of the model's own run folder may be ones it trained on; any other run's are external.
         self.own_run = folder.resolve().parent.parent == layout.root.resolve()
         self.meta = self.predictor.meta
@@ -134,7 +148,7 @@ class HeatmapStage(SlideStage):
         self.label_column = self.meta["config"].get("label_column", "label")
         self.settings = {
             "stage": "heatmap",
-            **cfg.model_dump(exclude={"review_page"}),
+            **cfg.model_dump(exclude={"review_page", "device"}),  # neither changes an output
             # the card and every member's model.json, which holds its weights' SHA-256
             "model_sha256": config_hash({"card": self.predictor.card,
                                          "members": [m[2] for m in self.predictor.members]}),
@@ -217,7 +231,14 @@ class HeatmapStage(SlideStage):
                 record = self._empty_slide(row, out, label)
             else:
                 coords = np.asarray(g["coords"][...])
-                record = self._scored_slide(row, out, label, feats, coords, attrs["tiles"])
+                scored = self._predicted(sid, attrs, len(feats))
+                if scored is None:  # not scored by `wsimil predict` with this model: score here
+                    decision, per_tile = slide_scores(self.predictor, feats)
+                    scored = (
+                        decision,
+                        pd.DataFrame({"x": coords[:, 0], "y": coords[:, 1], **per_tile}),
+                    )
+                record = self._scored_slide(row, out, label, *scored, attrs["tiles"])
             record.update(config_hash=self._hash(attrs), model=self.model_name,
                           split=self.split_of(sid))  # fmt: skip
             write_slide_page(out, record)
@@ -225,18 +246,38 @@ class HeatmapStage(SlideStage):
         values = {k: record.get(k) for k in self.columns}
         return SlideOutcome(record["status"], record["message"], values)
 
-    def _scored_slide(self, row, out: HeatmapFiles, label, feats, coords, tiles: dict) -> dict:
+    def _predicted(self, sid: str, feature_attrs: dict, n_tiles: int):
+        """The slide's decision and tile table from ``wsimil predict`` with this model on these
+        features (``predictions/<model>/slides/<id>/``), or None when it has not scored them."""
+        folder = self.layout.predicted_slide(self.model_name, sid)
+        want = config_hash({"stage": "predict", "model_sha256": self.settings["model_sha256"],
+                            "features": feature_attrs.get("config_hash")})  # fmt: skip
+        try:
+            record = json.loads((folder / "slide.json").read_text(encoding="utf-8"))
+            if record.get("status") != "ok" or record.get("config_hash") != want:
+                return None
+            table = pd.read_csv(folder / "tiles.csv")
+        except (OSError, ValueError):
+            return None
+        if len(table) != n_tiles:
+            return None
+        keys = ("probability", "prediction", "probabilities")
+        return {k: record[k] for k in keys if k in record}, table
+
+    def _scored_slide(self, row, out: HeatmapFiles, label, decision, table, tiles: dict) -> dict:
         sid = row["slide_id"]
-        prob, per_tile = slide_scores(self.predictor, feats)
-        table = pd.DataFrame({"x": coords[:, 0], "y": coords[:, 1], **per_tile})
         table.to_csv(out.table, index=False)
+        prob = decision["probability"]
         with open_slide(row["path"], mpp=mpp_override(row)) as slide:
             if slide.dimensions != (tiles["width_px"], tiles["height_px"]):
                 raise SlideError(
                     f"{row['path']}: slide is {slide.dimensions} px but was tiled at "
                     f"{(tiles['width_px'], tiles['height_px'])}; re-run tile and embed"
                 )
-            title = f"{sid}  p={prob:.3f}" + (f"  label={label}" if label is not None else "")
+            called = f"{decision['prediction']} " if len(self.predictor.classes) > 2 else ""
+            title = f"{sid}  {called}p={prob:.3f}" + (
+                f"  label={label}" if label is not None else ""
+            )
             files = export_slide(
                 slide,
                 table,
@@ -248,8 +289,7 @@ class HeatmapStage(SlideStage):
                 tissue=_tissue_of(self.layout.tile_store(sid)),
             )
         return {
-            "slide_id": sid, "status": "ok", "message": "", "probability": prob,
-            "prediction": int(prob >= self.predictor.threshold), "label": label,
+            "slide_id": sid, "status": "ok", "message": "", **decision, "label": label,
             "n_tiles": len(table),
             "files": {**files, "table": out.table.name, "page": out.page.name},
         }  # fmt: skip
@@ -319,6 +359,7 @@ def run_heatmap(
     """
     layout = RunLayout(out_dir)
     stage = HeatmapStage(layout, cfg, model_name)
+    check_manifest_labels(manifest, stage.label_column, stage.predictor.classes, stage.model_name)
     result = run_slides(stage, manifest, overwrite=overwrite, console=console, settings=cfg)
     if report:
         from .report import write_report

@@ -6,7 +6,10 @@ What is checked when a manifest is read, before any slide is touched (:func:`rea
 - every slide id: non-empty, unique, at most 128 letters, digits, ``.``, ``_`` or ``-`` and
   not starting with ``.`` or ``-`` (:func:`wsimil.layout.check_slide_id`), so no id can name
   a path outside the run folder;
-- every label: a valid class (``0`` or ``1``; empty only where the stage does not need labels).
+- every label: a class name, an integer (``0``, ``1``, ``2``; ``1.0`` is ``1``) or a name such
+  as ``LUAD`` of 1-64 printable characters (:mod:`wsimil.classes`); empty only where the stage
+  does not need labels. Which classes a cohort has is checked where a model meets the labels
+  (train: at least two classes, each with two slides or more; predict: the model's classes).
 
 A manifest that fails these is refused whole, with one line listing the offending CSV lines.
 What concerns one slide only (its file, its ``mpp``) is that slide's error when a stage gets to
@@ -20,11 +23,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from .classes import label_text
 from .layout import check_slide_id
 
 REQUIRED = ("slide_id", "path")
 PATH_COLUMNS = ("path", "lesion_mask")  # resolved against the manifest's folder when relative
-CLASSES = (0, 1)  # binary labels
 MPP_RANGE = (0.05, 20.0)  # plausible microns per level-0 pixel
 MAX_LISTED = 5  # offending rows named in one message
 
@@ -39,7 +42,7 @@ def read_manifest(
     """Read and validate a manifest (see the module docstring for what is checked).
 
     Every cell is read as text and stripped; empty cells become ``None``. Relative paths are
-    resolved against the manifest's folder. Labels become ``int`` (or ``None`` when empty).
+    resolved against the manifest's folder. Labels become class names (``str``; ``None`` when empty).
     ``mpp`` is a float when valid; an invalid value is kept as written so that its slide, and
     only it, fails with a message naming it (:func:`mpp_override`).
 
@@ -72,7 +75,7 @@ def read_manifest(
                 p if p is None else str(p if Path(p).is_absolute() else (base / p)) for p in df[col]
             ]
     if label_column in df.columns:
-        df[label_column] = pd.Series([_class(v) for v in df[label_column]], dtype=object)
+        df[label_column] = pd.Series([label_text(v) for v in df[label_column]], dtype=object)
     if "mpp" in df.columns:
         df["mpp"] = pd.Series([_mpp_value(v) for v in df["mpp"]], dtype=object)
     return df.reset_index(drop=True)
@@ -110,26 +113,18 @@ def _check_rows(df: pd.DataFrame, path: Path, *, label_column: str, require_labe
     for i, value in enumerate(df[label_column]):
         if value is None and not require_label:
             continue
-        if value is None or _class(value) is None:
+        try:
+            ok = label_text(value) is not None
+        except ValueError:
+            ok = False
+        if not ok:
             bad.append(f"{_line(i)} ({df['slide_id'][i]}): {value or ''!r}")
     if bad:
-        allowed = " or ".join(str(c) for c in CLASSES)
         empty = "" if require_label else " or empty"
         raise ManifestError(
-            f"{path}: {len(bad)} bad {label_column!r} value(s): {_listed(bad)}; "
-            f"a label must be {allowed}{empty}"
+            f"{path}: {len(bad)} bad {label_column!r} value(s): {_listed(bad)}; a label must be "
+            f"a class: an integer (0, 1, 2...) or a name of 1-64 printable characters{empty}"
         )
-
-
-def _class(value) -> int | None:
-    """The class of a label cell (``"1"``, ``"1.0"`` -> 1), or None if it is not one."""
-    if value is None:
-        return None
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return None
-    return int(v) if v in CLASSES else None
 
 
 def _mpp_value(value):

@@ -7,7 +7,8 @@ instance scores (B, N). ``theta(X) = g(sigma(f(x_1), ..., f(x_K)))`` with
 - ``f``: instance transform (a small MLP by default, any ``nn.Module`` mapping (..., D) to
   (..., hidden_dim));
 - ``sigma``: the pooling (max, mean, attention, gated attention);
-- ``g``: a linear classifier giving one logit.
+- ``g``: a linear classifier giving one logit (two classes, the paper's models) or one logit
+  per class (three or more: softmax; :mod:`wsimil.classes`).
 
 Names: ``instance_max``, ``instance_mean``, ``embedding_max``, ``embedding_mean``,
 ``attention``, ``gated_attention``. Use :func:`create_mil`.
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .classes import n_outputs
+
 _REGISTRY: dict[str, Callable[..., MILModel]] = {}
 
 
@@ -30,8 +33,9 @@ class MILOutput:
 
     Attributes
     ----------
-    logits : Tensor, shape (B,)
-        Bag logit (probability = sigmoid).
+    logits : Tensor, shape (B,) or (B, C)
+        Bag logit (two classes: probability of the positive class = sigmoid), or one logit
+        per class (C >= 3: probabilities = softmax).
     attention : Tensor, shape (B, N), optional
         Attention weights (attention poolings): non-negative, sum to 1 over each bag's real
         instances, exactly 0 on padding.
@@ -42,12 +46,18 @@ class MILOutput:
         (``embedding_mean``: the bag probability the instance alone would give, whose logits
         average to the bag's when the classifier is linear; ``embedding_max``: the share of the
         pooled vector's dimensions whose maximum the instance supplies); 0 on padding.
+    class_maps : Tensor, shape (B, C, N), optional
+        Three or more classes: each class's per-instance map (its attention branch with
+        ``per_class_attention``, instance class probabilities for instance poolings, the class
+        probability each instance alone would give for ``embedding_mean``). The (B, N) map
+        above is then the one of the bag's most probable class.
     """
 
     logits: torch.Tensor
     attention: torch.Tensor | None = None
     instance_scores: torch.Tensor | None = None
     contributions: torch.Tensor | None = None
+    class_maps: torch.Tensor | None = None
 
 
 def register_mil(name: str):
@@ -75,8 +85,9 @@ def create_mil(name: str, in_dim: int, **kwargs) -> MILModel:
     in_dim : int
         Instance feature dimension D.
     **kwargs
-        ``hidden_dim``, ``attention_dim``, ``dropout``, ``mlp_dims`` and ``instance_encoder``
-        (an ``nn.Module``, ``"mlp"`` or ``"lenet"``).
+        ``hidden_dim``, ``attention_dim``, ``dropout``, ``mlp_dims``, ``instance_encoder``
+        (an ``nn.Module``, ``"mlp"`` or ``"lenet"``), ``n_classes`` (2: one logit) and
+        ``per_class_attention`` (attention poolings with 3+ classes: one branch per class).
     """
     if name not in _REGISTRY:
         raise ValueError(
@@ -151,8 +162,19 @@ class MILModel(nn.Module):
         dropout: float = 0.25,
         mlp_dims: list[int] | None = None,
         instance_encoder: nn.Module | str | None = None,
+        n_classes: int = 2,
+        per_class_attention: bool = False,
     ):
         super().__init__()
+        if n_classes < 2:
+            raise ValueError(f"n_classes must be at least 2, got {n_classes}")
+        if per_class_attention and (n_classes < 3 or not isinstance(self, AttentionMIL)):
+            raise ValueError(
+                "per_class_attention needs an attention pooling (attention, gated_attention) "
+                f"and three or more classes; got {self.registry_name} with {n_classes} classes"
+            )
+        self.n_classes, self.n_out = n_classes, n_outputs(n_classes)
+        self.per_class = per_class_attention
         self.in_dim = in_dim
         self.hidden_dim = hidden_dim
         self.attention_dim = attention_dim
@@ -169,16 +191,27 @@ class MILModel(nn.Module):
                 f"unknown instance encoder {instance_encoder!r}; use 'mlp', 'lenet' or an nn.Module"
             )
         hidden_dim = self.hidden_dim
-        self.g = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden_dim, 1))
+        self.g = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden_dim, self.n_out))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
         raise NotImplementedError
 
+    def head(self, z: torch.Tensor) -> torch.Tensor:
+        """Logits (B,) for two classes, (B, C) otherwise, from pooled vectors (B, H)."""
+        out = self.g(z)
+        return out.squeeze(-1) if self.n_out == 1 else out
 
-def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Softmax over dim 1 in float32; padded positions get exactly 0."""
+
+def _of_top_class(maps: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """The (B, N) map of each bag's most probable class from (B, C, N) maps."""
+    top = logits.argmax(dim=1)
+    return maps[torch.arange(len(top), device=maps.device), top]
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Softmax over ``dim`` in float32; padded positions get exactly 0."""
     s = scores.float().masked_fill(~mask, float("-inf"))
-    return torch.softmax(s, dim=1).masked_fill(~mask, 0.0)
+    return torch.softmax(s, dim=dim).masked_fill(~mask, 0.0)
 
 
 def _logit(p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -192,6 +225,12 @@ class InstanceMax(MILModel):
 
     def forward(self, x, mask=None):
         mask = check_mask(x, mask)
+        if self.n_out > 1:  # per class: the highest instance logit, then softmax over classes
+            s = self.g(self.f(x)).float()  # (B, N, C)
+            logits = s.masked_fill(~mask[..., None], float("-inf")).amax(dim=1)
+            maps = torch.softmax(s, dim=-1).masked_fill(~mask[..., None], 0.0).transpose(1, 2)
+            return MILOutput(logits=logits, instance_scores=_of_top_class(maps, logits),
+                             class_maps=maps)  # fmt: skip
         s = self.g(self.f(x)).squeeze(-1).float()  # (B, N) instance logits
         logits = s.masked_fill(~mask, float("-inf")).amax(dim=1)
         return MILOutput(logits=logits, instance_scores=torch.sigmoid(s).masked_fill(~mask, 0.0))
@@ -203,6 +242,13 @@ class InstanceMean(MILModel):
 
     def forward(self, x, mask=None):
         mask = check_mask(x, mask)
+        if self.n_out > 1:  # mean of the instances' class probabilities; logits = their logs
+            p = torch.softmax(self.g(self.f(x)).float(), dim=-1).masked_fill(~mask[..., None], 0.0)
+            bag_p = p.sum(dim=1) / mask.sum(dim=1, keepdim=True)
+            logits = torch.log(bag_p.clamp_min(1e-6))
+            maps = p.transpose(1, 2)
+            return MILOutput(logits=logits, instance_scores=_of_top_class(maps, logits),
+                             class_maps=maps)  # fmt: skip
         s = self.g(self.f(x)).squeeze(-1).float()
         p = torch.sigmoid(s).masked_fill(~mask, 0.0)
         bag_p = p.sum(dim=1) / mask.sum(dim=1)
@@ -217,7 +263,7 @@ class EmbeddingMax(MILModel):
         mask = check_mask(x, mask)
         h = self.f(x).float().masked_fill(~mask[..., None], float("-inf"))
         z = h.amax(dim=1)
-        out = MILOutput(logits=self.g(z).squeeze(-1))
+        out = MILOutput(logits=self.head(z))
         if not self.training:  # which instances supply the pooled maxima
             arg = h.argmax(dim=1)  # (B, D)
             counts = torch.zeros(mask.shape, device=h.device).scatter_add_(
@@ -235,8 +281,12 @@ class EmbeddingMean(MILModel):
         mask = check_mask(x, mask)
         h = self.f(x).float().masked_fill(~mask[..., None], 0.0)
         z = h.sum(dim=1) / mask.sum(dim=1, keepdim=True)
-        out = MILOutput(logits=self.g(z).squeeze(-1))
-        if not self.training:  # the bag probability each instance alone would give
+        out = MILOutput(logits=self.head(z))
+        if not self.training and self.n_out > 1:  # each class's probability from the instance alone
+            maps = torch.softmax(self.g(h).float(), dim=-1).masked_fill(~mask[..., None], 0.0)
+            out.class_maps = maps.transpose(1, 2)
+            out.contributions = _of_top_class(out.class_maps, out.logits)
+        elif not self.training:  # the bag probability each instance alone would give
             p = torch.sigmoid(self.g(h).squeeze(-1).float())
             out.contributions = p.masked_fill(~mask, 0.0)
         return out
@@ -252,21 +302,30 @@ class AttentionMIL(MILModel):
         super().__init__(in_dim, **kwargs)
         self.V = nn.Linear(self.hidden_dim, self.attention_dim)
         self.U = nn.Linear(self.hidden_dim, self.attention_dim) if self.gated else None
-        self.w = nn.Linear(self.attention_dim, 1)
+        self.w = nn.Linear(self.attention_dim, self.n_classes if self.per_class else 1)
 
     def attention_scores(self, h: torch.Tensor) -> torch.Tensor:
-        """Unnormalised scores ``w^T (tanh(V h) [* sigm(U h)])``, shape (B, N)."""
+        """Unnormalised scores ``w^T (tanh(V h) [* sigm(U h)])``: (B, N), or (B, C, N) per class."""
         a = torch.tanh(self.V(h))
         if self.U is not None:
             a = a * torch.sigmoid(self.U(h))
-        return self.w(a).squeeze(-1)
+        s = self.w(a)
+        return s.transpose(1, 2) if self.per_class else s.squeeze(-1)
 
     def forward(self, x, mask=None):
         mask = check_mask(x, mask)
         h = self.f(x)
+        if self.per_class:  # one attention branch and one classifier row per class
+            a = masked_softmax(
+                self.attention_scores(h), mask[:, None, :].expand(-1, self.n_classes, -1), dim=2
+            )
+            z = self.g[0](torch.bmm(a, h.float()))  # (B, C, hidden), dropout
+            linear = self.g[1]
+            logits = (z * linear.weight).sum(-1) + linear.bias
+            return MILOutput(logits=logits, attention=_of_top_class(a, logits), class_maps=a)
         a = masked_softmax(self.attention_scores(h), mask)  # float32
         z = torch.bmm(a.unsqueeze(1), h.float()).squeeze(1)  # (B, hidden) in float32
-        return MILOutput(logits=self.g(z).squeeze(-1).float(), attention=a)
+        return MILOutput(logits=self.head(z).float(), attention=a)
 
 
 @register_mil("gated_attention")

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .classes import check_manifest_labels
 from .config import HeatmapConfig
 from .deploy import SEEN_SPLITS
 from .heatmap import HeatmapStage, _label, slide_scores
@@ -35,8 +36,8 @@ class PredictStage(HeatmapStage):
     name = "predict"
     changed = "another model or other features"
 
-    def __init__(self, layout: RunLayout, model: str):
-        super().__init__(layout, HeatmapConfig(), model)
+    def __init__(self, layout: RunLayout, model: str, *, device: str = "cpu"):
+        super().__init__(layout, HeatmapConfig(device=device), model)
         SlideStage.__init__(self, layout.predicted(self.model_name))
         self.settings = {"stage": "predict", "model_sha256": self.settings["model_sha256"]}
 
@@ -58,27 +59,32 @@ class PredictStage(HeatmapStage):
                 record.update(status="empty", message=f"{sid}: 0 tiles", probability=None,
                               prediction=-1)  # fmt: skip
             else:
-                prob, per_tile = slide_scores(self.predictor, feats)
+                decision, per_tile = slide_scores(self.predictor, feats)
                 coords = np.asarray(g["coords"][...])
                 table = pd.DataFrame({"x": coords[:, 0], "y": coords[:, 1], **per_tile})
                 table.to_csv(partial / "tiles.csv", index=False)
-                record.update(status="ok", message="", probability=prob,
-                              prediction=int(prob >= self.predictor.threshold))  # fmt: skip
+                record.update(status="ok", message="", **decision)
             (partial / "slide.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
         return SlideOutcome(record["status"], record["message"],
                             {k: record.get(k) for k in self.columns})  # fmt: skip
 
 
 def run_predict(manifest: pd.DataFrame, out_dir: str | Path, model: str, *, overwrite=False,
-                console=None, cohort=True, n_boot: int = 1000) -> pd.DataFrame:  # fmt: skip
+                console=None, cohort=True, n_boot: int = 1000, device: str = "cpu",
+                threads: int = 0) -> pd.DataFrame:  # fmt: skip
     """Score every slide of ``manifest`` (see the module docstring); then the cohort files.
 
     Returns
     -------
     DataFrame, one row per slide: slide_id, status, message, seconds, probability, prediction, label.
     """
+    import torch
+
     layout = RunLayout(out_dir)
-    stage = PredictStage(layout, model)
+    stage = PredictStage(layout, model, device=device)
+    if threads:
+        torch.set_num_threads(threads)
+    check_manifest_labels(manifest, stage.label_column, stage.predictor.classes, stage.model_name)
     result = run_slides(stage, manifest, overwrite=overwrite, console=console)
     if cohort:
         write_cohort(layout, stage, manifest, n_boot=n_boot)
@@ -88,9 +94,10 @@ def run_predict(manifest: pd.DataFrame, out_dir: str | Path, model: str, *, over
 def write_cohort(layout: RunLayout, stage: PredictStage, manifest: pd.DataFrame, *,
                  n_boot: int = 1000) -> dict | None:  # fmt: skip
     """``predictions.csv`` of the scored slides; with labels, ``metrics.json`` and the plots."""
+    from .classes import label_text
     from .evaluate import evaluate, plot_roc_and_calibration
 
-    folder = stage.folder.path
+    folder, classes = stage.folder.path, stage.predictor.classes
     rows = []
     for rec in manifest.to_dict("records"):
         path = layout.predicted_slide(stage.model_name, str(rec["slide_id"])) / "slide.json"
@@ -101,18 +108,23 @@ def write_cohort(layout: RunLayout, stage: PredictStage, manifest: pd.DataFrame,
         if r.get("status") == "ok":
             case = rec.get("case_id")
             rows.append({**{k: r.get(k) for k in ("slide_id", "probability", "prediction", "label")},
+                         **{f"p_{c}": (r.get("probabilities") or {}).get(c) for c in classes if len(classes) > 2},
                          "split": r.get("split", "external"), "case": case if case is not None else r["slide_id"]})  # fmt: skip
-    table = pd.DataFrame(
-        rows, columns=["slide_id", "probability", "prediction", "label", "split", "case"]
-    )
+    columns = ["slide_id", "probability", "prediction", "label"]
+    columns += [f"p_{c}" for c in classes] if len(classes) > 2 else []
+    table = pd.DataFrame(rows, columns=[*columns, "split", "case"])
     write_text_atomic(folder / "predictions.csv", table.drop(columns="case").to_csv(index=False))
     labelled = table[table.label.notna() & ~table.split.isin(SEEN_SPLITS)]  # held-out slides only
     if labelled.empty or labelled.label.nunique() < 2:
         return None
-    y, p = labelled.label.astype(int).to_numpy(), labelled.probability.astype(float).to_numpy()
-    report = evaluate(y, p, labelled.case.astype(str).to_numpy(),
+    y = np.array([classes.index(label_text(v)) for v in labelled.label])
+    if len(classes) > 2:
+        p = labelled[[f"p_{c}" for c in classes]].astype(float).to_numpy()
+    else:
+        p = labelled.probability.astype(float).to_numpy()
+    report = evaluate(y, p, labelled.case.astype(str).to_numpy(), classes=classes,
                       threshold=stage.predictor.threshold, n_boot=n_boot)  # fmt: skip
     report["model"] = str(stage.predictor.folder)
     write_text_atomic(folder / "metrics.json", json.dumps(report, indent=1) + "\n")
-    plot_roc_and_calibration(y, p, folder, title=stage.model_name)
+    plot_roc_and_calibration(y, p, folder, title=stage.model_name, classes=classes)
     return report

@@ -74,7 +74,8 @@ def _earlier(layout: RunLayout, model_name: str):
 
 
 def cohort_summary(records: list[dict], *, model_name: str) -> dict:
-    """Slides per status; accuracy and ROC AUC of the scored slides with a 0/1 label."""
+    """Slides per status; accuracy and ROC AUC (macro one-vs-rest for 3+ classes) of the
+    held-out scored slides with a label."""
     counts: dict[str, int] = {}
     for r in records:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
@@ -83,9 +84,7 @@ def cohort_summary(records: list[dict], *, model_name: str) -> dict:
     for r in scored:
         splits[str(r.get("split", "unknown"))] = splits.get(str(r.get("split", "unknown")), 0) + 1
     labelled = [
-        r
-        for r in scored
-        if _binary(r.get("label")) is not None and r.get("split") not in SEEN_SPLITS
+        r for r in scored if r.get("label") is not None and r.get("split") not in SEEN_SPLITS
     ]  # accuracy and AUC on held-out slides only
     out = {
         "model": model_name,
@@ -99,22 +98,29 @@ def cohort_summary(records: list[dict], *, model_name: str) -> dict:
         "auc": None,
     }
     if labelled:
-        y = np.array([_binary(r["label"]) for r in labelled])
-        p = np.array([float(r["probability"]) for r in labelled])
-        out["accuracy"] = float(((p >= 0.5).astype(int) == y).mean())
-        if len(set(y.tolist())) == 2:
-            from sklearn.metrics import roc_auc_score
-
-            out["auc"] = float(roc_auc_score(y, p))
+        out["accuracy"] = float(
+            np.mean([str(r["prediction"]) == str(r["label"]) for r in labelled])
+        )
+        out["auc"] = _auc(labelled)
     return out
 
 
-def _binary(label) -> int | None:
-    try:
-        v = float(label)
-    except (TypeError, ValueError):
+def _auc(labelled: list[dict]) -> float | None:
+    """ROC AUC of labelled records: binary (0/1 labels), or macro one-vs-rest over the classes
+    of ``probabilities`` (3+ classes) when every class is present; None otherwise."""
+    from sklearn.metrics import roc_auc_score
+
+    classes = list(labelled[0].get("probabilities") or {})
+    if classes:
+        y = [str(r["label"]) for r in labelled]
+        if set(y) != set(classes):
+            return None
+        p = np.array([[r["probabilities"][c] for c in classes] for r in labelled])
+        return float(roc_auc_score([classes.index(v) for v in y], p, multi_class="ovr"))
+    y = [str(r["label"]) for r in labelled]
+    if set(y) != {"0", "1"}:
         return None
-    return int(v) if v in (0.0, 1.0) else None
+    return float(roc_auc_score([int(v) for v in y], [float(r["probability"]) for r in labelled]))
 
 
 def write_report(

@@ -39,13 +39,14 @@ def _href(*parts: str) -> str:
 
 def _verdict(label, prediction) -> tuple[str, str]:
     """(text, css class) of the prediction's correctness."""
-    if label is None or prediction is None or prediction < 0:
+    if label is None or not _called(prediction):
         return "n/a", "na"
-    try:
-        good = int(float(label)) == int(prediction)
-    except (TypeError, ValueError):
-        return "n/a", "na"
-    return ("correct", "ok") if good else ("wrong", "bad")
+    return ("correct", "ok") if str(label) == str(prediction) else ("wrong", "bad")
+
+
+def _called(prediction) -> bool:
+    """Whether a record has a prediction (``-1`` and None: not scored)."""
+    return prediction is not None and prediction != -1
 
 
 def _page(title: str, body: str) -> str:
@@ -68,7 +69,15 @@ def _label_text(record: dict) -> str:
 
 def _probability(record: dict) -> str:
     p = record.get("probability")
-    return "" if p is None else f"{float(p):.3f}"
+    if p is None:
+        return ""
+    every = record.get("probabilities")
+    if every:  # three or more classes: each class's probability, the predicted one in bold
+        return " &middot; ".join(
+            (f"<b>{escape(str(c))} {float(v):.3f}</b>" if str(c) == str(record.get("prediction"))
+             else f"{escape(str(c))} {float(v):.3f}") for c, v in every.items()
+        )  # fmt: skip
+    return f"{float(p):.3f}"
 
 
 def write_slide_page(files: HeatmapFiles, record: dict) -> Path:
@@ -98,7 +107,7 @@ def write_slide_page(files: HeatmapFiles, record: dict) -> Path:
         if info.get(key):
             exports.append(f'<a href="{_href(info[key])}">{what}</a>')
     state = (
-        f"probability <b>{_probability(record)}</b>, prediction {record.get('prediction')}, "
+        f"probability <b>{_probability(record)}</b>, prediction {escape(str(record.get('prediction')))}, "
         if record["status"] == "ok"
         else f"<b>{escape(str(record.get('message', '')))}</b>; "
     )
@@ -138,7 +147,7 @@ def _index_row(record: dict) -> str:
         f'<tr class="slide" id="row-{escape(sid)}"><td><a href="{_href(*folder, info["page"])}">'
         f"{escape(sid)}</a><br><small>{record.get('n_tiles', 0)} tiles</small>{_split_text(record)}</td>"
         f"<td>{_probability(record) or escape(record['status'])}</td>"
-        f"<td>{prediction if prediction is not None and prediction >= 0 else ''}</td>"
+        f"<td>{escape(str(prediction)) if _called(prediction) else ''}</td>"
         f'<td>{label}</td><td class="{cls}">{text}</td><td>{thumb}</td><td>{over}</td></tr>'
     )
 
