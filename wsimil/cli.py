@@ -261,9 +261,9 @@ def heatmap(run_dir, manifest, config_file, model_name, overwrite, shard, slides
 @click.option(
     "--device",
     type=click.Choice(["auto", "cpu", "cuda"]),
-    default="cpu",
+    default="auto",
     show_default=True,
-    help="Where the model scores the slides (auto: CUDA when visible).",
+    help="Where the model scores the slides (auto: CUDA when visible, as train does).",
 )
 @click.option(
     "--threads", type=int, default=0, help="CPU threads for scoring (0: torch's default)."
