@@ -117,6 +117,18 @@ def test_labels_are_class_names_and_a_one_slide_class_is_refused_by_train(tmp_pa
     # With the classes given, a label outside them is named.
     r = _wsimil("train", tmp_path / "run", "--bags", table, "--classes", "neg,pos")
     assert r.returncode == 1 and "label(s) 'pso' not in train.classes ['neg', 'pos']" in r.stderr
+    # `wsimil check` counts the slides per class and names a class of one slide.
+    labels = ["pos"] * 3 + ["neg"] * 2 + ["pso"]
+    _csv(
+        tmp_path,
+        "slide_id,path,label\n" + "".join(f"s{i},s{i}.svs,{v}\n" for i, v in enumerate(labels)),
+    )
+    r = _wsimil(
+        "check", tmp_path / "run", "--manifest", tmp_path / "manifest.csv", "--depth", "exists"
+    )
+    assert "labels neg 2, pos 3, pso 1 (train refuses a class of one slide: pso)" in r.stderr, (
+        r.stderr
+    )
 
 
 def test_any_column_name_works_as_the_label_column(tmp_path):

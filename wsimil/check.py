@@ -38,6 +38,7 @@ class CheckReport:
     n_rows: int
     problems: list[tuple[str, str, str]] = field(default_factory=list)  # (slide_id, kind, line)
     n_unlabelled: int = 0
+    class_counts: dict = field(default_factory=dict)  # label -> slides
     seconds: float = 0.0
     free_gb: float | None = None
 
@@ -162,6 +163,9 @@ def check_cohort(
             report.problems.append((str(row["slide_id"]), *problem))
         if label_column in row and row[label_column] is None:
             report.n_unlabelled += 1
+        elif label_column in row:
+            label = str(row[label_column])
+            report.class_counts[label] = report.class_counts.get(label, 0) + 1
     run_dir = Path(run_dir)
     probe = run_dir if run_dir.exists() else run_dir.parent
     if probe.exists():
@@ -182,6 +186,13 @@ def print_report(echo, report: CheckReport, *, max_lines: int = 20) -> None:
     parts = [f"{report.n_rows} slide(s): {good} ready"]
     if kinds:
         parts.append(kinds)
+    if report.class_counts:
+        classes = ", ".join(f"{c} {n}" for c, n in sorted(report.class_counts.items()))
+        thin = [c for c, n in report.class_counts.items() if n < 2]
+        parts.append(
+            f"labels {classes}"
+            + (f" (train refuses a class of one slide: {', '.join(sorted(thin))})" if thin else "")
+        )
     if report.n_unlabelled:
         parts.append(f"{report.n_unlabelled} without a label (train will refuse them)")
     if report.free_gb is not None:
