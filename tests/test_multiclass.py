@@ -175,3 +175,25 @@ def test_a_youden_threshold_is_chosen_on_training_slides_and_stated_in_the_card(
     again = train_bags(bags, tmp_path / "m", cfg.model_copy(update={"threshold": 0.5}))
     assert json.loads((tmp_path / "m" / "card.json").read_text())["threshold"] == 0.5
     assert pd.read_csv(tmp_path / "m" / "metrics.csv").resumed.all() and again["n_folds"] == 3
+
+
+def test_the_cohort_summary_scores_named_binary_and_three_class_records():
+    from sklearn.metrics import roc_auc_score
+
+    from wsimil.report import cohort_summary
+
+    def rec(label, probs):
+        pred = max(probs, key=probs.get)
+        return {"status": "ok", "split": "external", "label": label, "prediction": pred,
+                "probability": probs[pred], "probabilities": probs}  # fmt: skip
+
+    named = [rec("benign", {"benign": 0.8, "tumour": 0.2}), rec("tumour", {"benign": 0.3, "tumour": 0.7}),
+             rec("tumour", {"benign": 0.6, "tumour": 0.4})]  # fmt: skip
+    s = cohort_summary(named, model_name="m")
+    assert s["accuracy"] == pytest.approx(2 / 3) and s["auc"] == pytest.approx(1.0)
+    three = [rec(c, {k: (0.6 if k == c else 0.2) for k in "abc"}) for c in "abc"]
+    three[0]["prediction"] = "b"
+    s = cohort_summary(three, model_name="m")
+    assert s["accuracy"] == pytest.approx(2 / 3)
+    p = [[r["probabilities"][k] for k in "abc"] for r in three]
+    assert s["auc"] == pytest.approx(roc_auc_score([0, 1, 2], p, multi_class="ovr"))

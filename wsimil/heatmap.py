@@ -69,8 +69,8 @@ def slide_scores(predictor, features: np.ndarray) -> tuple[dict, dict[str, np.nd
     -------
     decision : dict
         ``probability`` (binary: of the positive class; else of the predicted class),
-        ``prediction`` (class name, an int for integer classes) and, for three or more
-        classes, ``probabilities`` (class name -> probability).
+        ``prediction`` (class name, an int for integer classes) and, unless the classes are
+        ``0``/``1``, ``probabilities`` (class name -> probability).
     per_tile : dict of (N,) arrays: ``attention`` (raw weight; for instance models the instance
         score; for embedding poolings each tile's contribution, :class:`wsimil.mil.MILOutput`;
         with 3+ classes the predicted class's map), ``attention_scaled`` (min-max per slide),
@@ -82,7 +82,7 @@ def slide_scores(predictor, features: np.ndarray) -> tuple[dict, dict[str, np.nd
     probs, maps = predictor.score(features)
     prob, pred = predictor.decide(probs)
     decision = {"probability": prob, "prediction": class_value(pred)}
-    if len(predictor.classes) > 2:
+    if predictor.classes != ["0", "1"]:  # named or 3+ classes: every class's probability
         decision["probabilities"] = {
             c: float(v) for c, v in zip(predictor.classes, probs, strict=True)
         }

@@ -116,7 +116,10 @@ def _auc(labelled: list[dict]) -> float | None:
         if set(y) != set(classes):
             return None
         p = np.array([[r["probabilities"][c] for c in classes] for r in labelled])
-        return float(roc_auc_score([classes.index(v) for v in y], p, multi_class="ovr"))
+        index = [classes.index(v) for v in y]
+        if len(classes) == 2:
+            return float(roc_auc_score(index, p[:, 1]))
+        return float(roc_auc_score(index, p, multi_class="ovr"))
     y = [str(r["label"]) for r in labelled]
     if set(y) != {"0", "1"}:
         return None
