@@ -101,7 +101,7 @@ def test_layout_reads_as_uint8_rgb_and_its_tissue_is_found(slides, name):
         thumb, ds = s.thumbnail(256)
         assert thumb.dtype == np.uint8 and thumb.shape == (256, 256, 3)
         assert ds == pytest.approx(N / 256)
-        mask, mask_ds = slide_tissue_mask(s, TileConfig())
+        mask, mask_ds, _ = slide_tissue_mask(s, TileConfig())
     assert mask.mean() == pytest.approx(BLOB.mean(), abs=0.015)
     # The mask is the blob, not just as large as it.
     blob = BLOB[:: round(mask_ds), :: round(mask_ds)][: mask.shape[0], : mask.shape[1]]

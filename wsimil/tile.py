@@ -148,6 +148,8 @@ def slide_tissue_mask(
     mask : ndarray, shape (h, w), bool
     downsample : float
         Level-0 px per mask px.
+    rgb : ndarray, shape (h, w, 3), uint8, or None
+        The image the mask was computed from (None for a user mask), reused for the QC image.
     """
     assert slide.mpp is not None
     w0, h0 = slide.dimensions
@@ -156,7 +158,7 @@ def slide_tissue_mask(
     if mask_file is not None:
         from .annotations import load_mask
 
-        return load_mask(mask_file, width_px=w0, height_px=h0, downsample=w0 / mw), w0 / mw
+        return load_mask(mask_file, width_px=w0, height_px=h0, downsample=w0 / mw), w0 / mw, None
     rgb = slide.read_downsampled((mw, mh))
     pixel_um = slide.mpp * (w0 / mw)
     mask = tissue_mask(
@@ -168,7 +170,7 @@ def slide_tissue_mask(
         white_level=cfg.white_level,
         black_level=cfg.black_level,
     )
-    return mask, w0 / mw
+    return mask, w0 / mw, rgb
 
 
 def tile_settings(cfg: TileConfig, *, mask: str | None = None) -> dict:
@@ -188,7 +190,7 @@ def tile_slide(slide: Slide, cfg: TileConfig, *, mask_file: str | Path | None = 
     ``mask_downsample`` float and ``geometry`` (:class:`TileGeometry`).
     """
     geom = tile_geometry(slide, cfg)
-    mask, mask_ds = slide_tissue_mask(slide, cfg, mask_file=mask_file)
+    mask, mask_ds, mask_rgb = slide_tissue_mask(slide, cfg, mask_file=mask_file)
     w0, h0 = slide.dimensions
     coords = grid_coords(w0, h0, tile_px=geom.tile_px_level0, stride_px=geom.stride_px_level0)
     frac = tile_fractions(mask, coords, tile_px=geom.tile_px_level0, downsample=mask_ds)
@@ -198,18 +200,31 @@ def tile_slide(slide: Slide, cfg: TileConfig, *, mask_file: str | Path | None = 
         "tissue_fraction": frac[keep],
         "mask": mask,
         "mask_downsample": mask_ds,
+        "mask_rgb": mask_rgb,
         "geometry": geom,
         "n_candidates": int(len(coords)),
     }
 
 
 def write_qc_image(slide: Slide, result: dict, path: Path, *, max_px: int) -> None:
-    """Thumbnail with the tissue-mask outline (green) and the kept tiles (blue boxes)."""
+    """Thumbnail with the tissue-mask outline (green) and the kept tiles (blue boxes).
+
+    Drawn on the image the mask was computed from (reduced to ``max_px`` when larger), so no
+    larger level is decoded for it; a user mask's QC reads a thumbnail of ``max_px``.
+    """
     from PIL import Image, ImageDraw
 
     from .raster import mask_outline
 
-    thumb, ds = slide.thumbnail(max_px)
+    thumb = result.get("mask_rgb")
+    if thumb is None:
+        thumb, ds = slide.thumbnail(max_px)
+    else:
+        if max(thumb.shape[:2]) > max_px:
+            s = max_px / max(thumb.shape[:2])
+            size = (max(1, round(thumb.shape[1] * s)), max(1, round(thumb.shape[0] * s)))
+            thumb = np.asarray(Image.fromarray(thumb).resize(size, Image.Resampling.BOX))
+        ds = slide.dimensions[0] / thumb.shape[1]
     img = thumb.copy()
     img[mask_outline(result["mask"], thumb.shape[:2])] = (0, 200, 0)
     im = Image.fromarray(img)

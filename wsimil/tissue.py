@@ -49,7 +49,8 @@ def tissue_mask(
 
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) RGB image, got shape {rgb.shape}")
-    sat = tissue_signal(rgb)
+    hi, lo = channel_range(rgb)
+    sat = tissue_signal(rgb, hi=hi, lo=lo)
     sat = gaussian(sat, sigma=max(blur_um / pixel_um, 0.0), preserve_range=True)
     spread = float(sat.max() - sat.min())
     thr = threshold_otsu(sat) if spread > 1e-3 else max_saturation_threshold
@@ -57,9 +58,9 @@ def tissue_mask(
     mask = sat > thr
     # Near-white and near-black areas (glass, black scanner background) are not tissue.
     if white_level < 255:
-        mask &= rgb.min(axis=2) <= white_level
+        mask &= lo <= white_level
     if black_level > 0:
-        mask &= rgb.max(axis=2) >= black_level
+        mask &= hi >= black_level
     if remove_pen:
         mask &= ~pen_mask(rgb)
     mask = binary_closing(mask, structure=disk(1), border_value=0)
@@ -72,7 +73,20 @@ def tissue_mask(
     return mask
 
 
-def tissue_signal(rgb: np.ndarray, *, gray_chroma: float = 4.0) -> np.ndarray:
+def channel_range(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel maximum and minimum over the three channels, (H, W) uint8 each.
+
+    Element-wise over the channel slices: several times faster than ``rgb.max(axis=2)``,
+    which reduces over the short last axis pixel by pixel.
+    """
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    return np.maximum(np.maximum(r, g), b), np.minimum(np.minimum(r, g), b)
+
+
+def tissue_signal(
+    rgb: np.ndarray, *, gray_chroma: float = 4.0, hi: np.ndarray | None = None,
+    lo: np.ndarray | None = None,
+) -> np.ndarray:  # fmt: skip
     """Per-pixel tissue evidence in 0..1: HSV saturation, or darkness on a gray slide.
 
     Stained tissue is coloured on near-neutral glass, so saturation ``(max - min) / max``
@@ -86,8 +100,9 @@ def tissue_signal(rgb: np.ndarray, *, gray_chroma: float = 4.0) -> np.ndarray:
     -------
     ndarray, shape (H, W), float32
     """
-    hi = rgb.max(axis=2).astype(np.float32)
-    lo = rgb.min(axis=2).astype(np.float32)
+    if hi is None or lo is None:
+        hi, lo = channel_range(rgb)
+    hi, lo = hi.astype(np.float32), lo.astype(np.float32)
     chroma = hi - lo
     if np.count_nonzero(chroma >= gray_chroma) <= 0.001 * chroma.size:  # 99.9% gray
         glass = max(float(np.percentile(hi, 99)), 1.0)
