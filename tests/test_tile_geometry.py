@@ -22,6 +22,33 @@ def test_grid_covers_the_slide_with_whole_tiles_only():
     assert grid_coords(100, 100, tile_px=256, stride_px=256).shape == (0, 2)
 
 
+def test_edge_tiles_cover_the_right_and_bottom_edges_and_count_their_padding_as_glass():
+    c = grid_coords(1000, 700, tile_px=256, stride_px=256, edges=True)
+    assert set(map(tuple, c.tolist())) == {
+        (x, y) for y in (0, 256, 512) for x in (0, 256, 512, 768)
+    }
+    assert grid_coords(100, 100, tile_px=256, stride_px=256, edges=True).tolist() == [[0, 0]]
+    # A bottom-edge tile half outside a fully-tissue image: half of its area is tissue.
+    mask = np.ones((10, 10), bool)  # 160 x 160 level-0 px at downsample 16
+    frac = tile_fractions(mask, np.array([[0, 80], [0, 0]]), tile_px=160, downsample=16)
+    np.testing.assert_allclose(frac, [0.5, 1.0], atol=1e-6)
+
+
+def test_tissue_at_the_bottom_edge_of_a_real_slide_gets_tiles():
+    from wsimil.config import TileConfig
+    from wsimil.slide import open_slide
+    from wsimil.tile import tile_slide
+
+    with open_slide(str(CMU)) as s:
+        h0 = s.dimensions[1]  # 2967 px: 151 px below the last whole 256-px row
+        whole = tile_slide(s, TileConfig(edge_tiles=False))
+        edges = tile_slide(s, TileConfig())
+    t = edges["geometry"].tile_px_level0
+    assert (whole["coords"][:, 1] + t <= h0).all()
+    over = edges["coords"][edges["coords"][:, 1] + t > h0]
+    assert len(over) >= 1 and (edges["tissue_fraction"] >= 0.5).all()
+
+
 def test_tile_fractions_from_an_integral_image():
     mask = np.zeros((10, 10), bool)
     mask[:5, :5] = True  # top-left quarter, mask px = 16 level-0 px

@@ -31,6 +31,10 @@ class TileConfig(_Section):
     tissue_threshold: float = Field(
         0.5, ge=0, le=1, description="minimum tissue fraction of a kept tile"
     )
+    edge_tiles: bool = Field(
+        True,
+        description="also tiles running over the slide's right and bottom edges (padded with white), so tissue there is not lost",
+    )
     mask_mpp: float = Field(8.0, gt=0, description="µm per pixel of the tissue mask")
     min_tissue_um2: float = Field(
         20_000.0, ge=0, description="tissue regions smaller than this are dropped"

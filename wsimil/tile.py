@@ -79,16 +79,27 @@ def tile_geometry(slide: Slide, cfg: TileConfig) -> TileGeometry:
     )
 
 
-def grid_coords(width_px: int, height_px: int, *, tile_px: int, stride_px: int) -> np.ndarray:
-    """Top-left corners of all tiles that lie wholly inside a ``width_px`` x ``height_px`` image.
+def grid_coords(
+    width_px: int, height_px: int, *, tile_px: int, stride_px: int, edges: bool = False
+) -> np.ndarray:
+    """Top-left corners of the grid's tiles on a ``width_px`` x ``height_px`` image.
+
+    Parameters
+    ----------
+    edges : bool
+        Also the tiles that run over the right and bottom edges (read padded with white), so
+        the grid covers the whole image; otherwise only tiles wholly inside it.
 
     Returns
     -------
     ndarray, shape (N, 2), int32
-        (x, y) in row-major order (y, then x). Empty when the image is smaller than one tile.
+        (x, y) in row-major order (y, then x). Empty when the image is smaller than one tile
+        (and ``edges`` is off).
     """
-    xs = np.arange(0, width_px - tile_px + 1, stride_px, dtype=np.int64)
-    ys = np.arange(0, height_px - tile_px + 1, stride_px, dtype=np.int64)
+    last_x = width_px - 1 if edges else width_px - tile_px
+    last_y = height_px - 1 if edges else height_px - tile_px
+    xs = np.arange(0, last_x + 1, stride_px, dtype=np.int64)
+    ys = np.arange(0, last_y + 1, stride_px, dtype=np.int64)
     if len(xs) == 0 or len(ys) == 0:
         return np.zeros((0, 2), np.int32)
     yy, xx = np.meshgrid(ys, xs, indexing="ij")
@@ -124,7 +135,9 @@ def tile_fractions(
     y1 = np.clip(np.round((coords[:, 1] + tile_px) / downsample).astype(np.int64), 0, h)
     x1 = np.maximum(x1, np.minimum(x0 + 1, w))
     y1 = np.maximum(y1, np.minimum(y0 + 1, h))
-    area = np.maximum((x1 - x0) * (y1 - y0), 1)
+    # The whole tile's area, also where it runs over the image's edge (white padding there).
+    full = max(1, round(tile_px / downsample)) ** 2
+    area = np.maximum((x1 - x0) * (y1 - y0), full)
     s = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
     return (s / area).astype(np.float32)
 
@@ -192,7 +205,8 @@ def tile_slide(slide: Slide, cfg: TileConfig, *, mask_file: str | Path | None = 
     geom = tile_geometry(slide, cfg)
     mask, mask_ds, mask_rgb = slide_tissue_mask(slide, cfg, mask_file=mask_file)
     w0, h0 = slide.dimensions
-    coords = grid_coords(w0, h0, tile_px=geom.tile_px_level0, stride_px=geom.stride_px_level0)
+    coords = grid_coords(w0, h0, tile_px=geom.tile_px_level0, stride_px=geom.stride_px_level0,
+                         edges=cfg.edge_tiles)  # fmt: skip
     frac = tile_fractions(mask, coords, tile_px=geom.tile_px_level0, downsample=mask_ds)
     keep = frac >= max(cfg.tissue_threshold, 1e-6)
     return {
@@ -203,6 +217,7 @@ def tile_slide(slide: Slide, cfg: TileConfig, *, mask_file: str | Path | None = 
         "mask_rgb": mask_rgb,
         "geometry": geom,
         "n_candidates": int(len(coords)),
+        "slide_px": (w0, h0),
     }
 
 
@@ -292,10 +307,10 @@ class TileStage(SlideStage):
         px_mm = result["mask_downsample"] * result["geometry"].slide_mpp / 1e3
         values = {"n_tiles": n, "tissue_mm2": round(float(result["mask"].sum()) * px_mm**2, 3)}
         if n == 0:
-            why = (
-                "slide smaller than one tile" if result["n_candidates"] == 0 else "no tissue found"
-            )
-            return SlideOutcome("empty", f"{path}: {why}; 0 tiles", values)
+            small = min(result["slide_px"]) < result["geometry"].tile_px_level0
+            why = [*(["slide smaller than one tile"] if small else []),
+                   *(["no tissue found"] if result["n_candidates"] else [])]  # fmt: skip
+            return SlideOutcome("empty", f"{path}: {'; '.join(why)}; 0 tiles", values)
         return SlideOutcome("ok", "", values)
 
 
