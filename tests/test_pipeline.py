@@ -39,7 +39,7 @@ def _snakemake(run_dir: Path, work: Path, *extra: str) -> str:
     cmd = [
         sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--cores", "2", "--directory", str(work),
         "--config", f"run_dir={run_dir}", f"wsimil_config={REPO / 'configs' / 'demo.yaml'}", f"wsimil={wsimil}",
-        "embed_device=cpu", "train_args=--epochs 3", *extra,
+        "embed_device=cpu", "train_args=--epochs 3 --folds 2", *extra,
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -60,7 +60,10 @@ def _check_cohort_outputs(run: Path, ids: list[str]) -> None:
                      f"{sid}.heatmap.tiff", f"{sid}.html", "slide.json"):  # fmt: skip
             assert (d / name).stat().st_size > 0, d / name
         assert list((d / "top").glob("*.jpg"))
-    assert (run / "models" / "gated_attention" / "model.json").is_file()
+    assert (
+        json.loads((run / "models" / "gated_attention" / "card.json").read_text())["kind"]
+        == "ensemble"
+    )
     pred = pd.read_csv(hm / "predictions.csv")
     assert sorted(pred.slide_id) == sorted(ids) and pred.probability.between(0, 1).all()
     index = (hm / "index.html").read_text()
@@ -124,7 +127,7 @@ def test_workflow_without_shared_file_system(tmp_path):
         "--default-storage-provider", "fs", "--default-storage-prefix", str(storage),
         "--config", "run_dir=run", f"manifest={cohort / 'manifest.csv'}",
         f"wsimil_config={REPO / 'configs' / 'demo.yaml'}", "wsimil=wsimil",
-        "embed_device=cpu", "train_args=--epochs 3",
+        "embed_device=cpu", "train_args=--epochs 3 --folds 2",
     ]  # fmt: skip
 
     def pod_logs() -> str:
