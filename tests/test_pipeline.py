@@ -1,7 +1,8 @@
 """The Snakemake workflow in pipelines/ on a tiny synthetic cohort.
 
 Run locally end to end: every slide gets tiles, features and a heatmap; a second run has nothing
-to do; deleting one slide's features re-runs that slide's embed and heatmap jobs only. And run as
+to do; with model_folder the cohort is scored by that model (one predict job, no training);
+deleting one slide's features re-runs that slide's embed and heatmap jobs only. And run as
 on Kubernetes, with no shared file system: each job in its own empty folder (a stand-in for a pod,
 tests/helpers/pod_submit.sh), inputs and outputs through the fs storage plugin.
 """
@@ -92,12 +93,29 @@ def test_workflow_runs_cohort_and_reruns_only_what_is_missing(tmp_path):
 
     assert "Nothing to be done" in _snakemake(run, tmp_path, "--dry-run")
 
+    # model_folder: predict with a trained model (here the run's own) instead of training.
+    model = run / "models" / "gated_attention"
+    log = _snakemake(run, tmp_path, f"model_folder={model}")
+    assert _job_counts(log) == {"predict": 1, "all": 1}  # the heatmaps are those of this model
+    import pandas as pd
+
+    scored = pd.read_csv(run / "predictions" / "gated_attention" / "predictions.csv")
+    drawn = pd.read_csv(run / "heatmaps" / "gated_attention" / "predictions.csv")
+    assert sorted(scored.slide_id) == ids
+    assert scored.set_index("slide_id").probability.to_dict() == pytest.approx(
+        drawn.set_index("slide_id").probability.to_dict()
+    )
+
     # One slide's features deleted: its embed and heatmap jobs only (no tiling, no training).
     shutil.rmtree(run / "features" / "efficientnet_lite0" / "synth_002.zarr")
     log = _snakemake(run, tmp_path, "--dry-run")
     assert _job_counts(log) == {"embed": 1, "heatmap": 1, "report": 1, "all": 1}
     assert "wildcards: slide=synth_002" in log
     assert not re.search(r"wildcards: slide=synth_00[013]", log)
+    # ... and with model_folder the cohort is scored again, the heatmap drawn with that model.
+    log = _snakemake(run, tmp_path, f"model_folder={model}", "--dry-run", "--printshellcmds")
+    assert _job_counts(log) == {"embed": 1, "predict": 1, "heatmap": 1, "report": 1, "all": 1}
+    assert re.search(rf'wsimil heatmap "\$run" .*--slides synth_002 .*--model {model} ', log)
 
 
 @pytest.mark.skipif(
