@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml requirements.lock
 
 setup: $(STAMP) ## create .venv and install wsimil with pinned dependencies
 
-demo: $(STAMP) ## generate the sample cohort and run tile, embed, train, heatmap on it
+demo: $(STAMP) ## sample cohorts: tile, embed, 5-fold CV train on one; predict and heatmap an unlabelled one
 	$(VENV)/bin/wsimil demo --out $(DEMO_OUT)
 
 test: $(STAMP) ## run the test suite

@@ -91,5 +91,6 @@ sed -n '1,8p' <<<"$layers" | cut -c1-150
 "${RUN[@]}" --entrypoint bash "$IMAGE" -c 'python3 -m snakemake --version && python3 -c "import snakemake_storage_plugin_fs" && rsync --version | head -n1 && touch /workdir/.w && echo "workflow tools: OK"'
 rm -rf "$WORK/out"; mkdir -p "$WORK/out"; chmod 777 "$WORK/out"
 "${RUN[@]}" -v "$WORK/out:/runs" "$IMAGE" demo --out /runs/demo --n-slides 6 --size-px 4096
-ls "$WORK"/out/demo/heatmaps/*/slides/*/*.png "$WORK"/out/demo/heatmaps/*/index.html
+ls "$WORK"/out/demo/models/*/card.json "$WORK"/out/demo/external/predictions/*/predictions.csv \
+  "$WORK"/out/demo/external/heatmaps/*/slides/*/*.png "$WORK"/out/demo/external/heatmaps/*/index.html
 echo "build_test.sh: OK"

@@ -122,7 +122,7 @@ START=$(date +%s)
   --default-resources slurm_partition=debug --set-resources embed:slurm_partition=debug train:slurm_partition=debug --jobs 8 \
   --group-components embed=3 --cores "$NCPU" --resources "mem_mb=$MEM_MB" \
   --config run_dir="$RUN" wsimil_config="$REPO/configs/demo.yaml" wsimil="$VENV/bin/wsimil" \
-    embed_device=cpu "train_args=--epochs 5" \
+    embed_device=cpu "train_args=--epochs 5 --folds 3" \
     "resources={tile: {threads: 1, mem_mb: 1000, runtime: 30, gpus: 0}, embed: {threads: 1, mem_mb: 2000, runtime: 30, gpus: 0}, train: {threads: 1, mem_mb: 2000, runtime: 30, gpus: 0}, heatmap: {threads: 1, mem_mb: 1000, runtime: 30, gpus: 0}}")
 echo "workflow through Slurm: $(( $(date +%s) - START )) s"
 # The same cohort outputs the workflow test checks: every per-slide export, and cohort files

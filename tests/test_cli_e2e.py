@@ -40,14 +40,14 @@ def test_four_stages_end_to_end(cohort):
     run, df = cohort
     good = df.slide_id.tolist()
 
-    r = _run(["tile", run, "--target-mpp", 1.0, "--tile-px", 64])
+    r = _run(["tile", run, "--target-mpp", 1.0, "--tile-px", 128])
     assert r.exit_code == 1  # the broken slide fails ...
     # one whole line, however long, naming the file and the reason
     line = [x for x in r.output.splitlines() if x.startswith("error ")]
     assert len(line) == 1 and "broken.svs: cannot open slide (OpenSlide:" in line[0]
     for sid in good:  # ... and every other slide completes
         g = open_store(run / "tiles" / f"{sid}.zarr")
-        assert g["coords"].shape[0] > 10 and g.attrs["tile_px_level0"] == 128
+        assert g["coords"].shape[0] > 10 and g.attrs["tile_px_level0"] == 256
         assert (run / "tiles" / f"{sid}.qc.png").exists()
     status = _status(run / "tiles" / "status.jsonl")
     assert status["broken"]["status"] == "error" and all(status[s]["status"] == "ok" for s in good)
@@ -129,7 +129,7 @@ def test_four_stages_end_to_end(cohort):
     )
 
     # Re-running a stage skips complete slides; other settings are refused, not mixed.
-    r = _run(["tile", run, "--target-mpp", 1.0, "--tile-px", 64])
+    r = _run(["tile", run, "--target-mpp", 1.0, "--tile-px", 128])
     assert "skipped" in r.output
     r = _run(["tile", run, "--target-mpp", 1.0, "--tile-px", 96])
     assert r.exit_code == 1 and "--overwrite" in r.output

@@ -21,7 +21,7 @@ from wsimil.synth import make_cohort, write_synthetic_slide
 from wsimil.tile import run_tile
 
 CMU = Path(__file__).resolve().parents[2] / "shared" / "data" / "slides" / "cmu_small_region.svs"
-TILE = TileConfig(target_mpp=1.0, tile_px=64)
+TILE = TileConfig(target_mpp=1.0, tile_px=128)  # ~40 tiles a slide: a CNN pass each
 
 
 @pytest.fixture(scope="module")

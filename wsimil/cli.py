@@ -46,7 +46,8 @@ def main():
       wsimil predict RUN_DIR   scores (+ metrics with labels) -> RUN_DIR/predictions/<name>/
       wsimil heatmap RUN_DIR   predictions + overlays       -> RUN_DIR/heatmaps/<name>/
       wsimil report RUN_DIR    cohort predictions + review page from the heatmaps
-    `wsimil demo` generates a sample cohort and runs all four.
+    `wsimil demo` generates sample cohorts and runs them all: CV training on one, predict
+    and heatmap with the trained model on an unlabelled one.
     """
 
 
@@ -338,12 +339,20 @@ def config_defaults():
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 def demo(out_dir, n_slides, size_px, encoder, seed):
-    """Generate a sample cohort and run tile, embed, train and heatmap on it."""
+    """Generate sample cohorts; tile, embed, 5-fold CV train on one, predict and heatmap another.
+
+    The second cohort (6 unlabelled slides, OUT/external) is scored with the trained ensemble
+    where it lives, as an external cohort would be.
+    """
     from .demo import run_demo
 
-    res = run_demo(
-        out_dir, n_slides=n_slides, size_px=size_px, encoder=encoder, seed=seed, console=_console()
-    )
+    try:
+        res = run_demo(
+            out_dir, n_slides=n_slides, size_px=size_px, encoder=encoder, seed=seed,
+            console=_console(),
+        )  # fmt: skip
+    except ValueError as exc:
+        raise click.ClickException(str(exc).splitlines()[0]) from exc
     if res["failed"]:
         sys.exit(1)
 

@@ -1,8 +1,13 @@
-"""``wsimil demo``: the main job on a generated sample cohort.
+"""``wsimil demo``: the whole path on generated sample cohorts, from slides to a deployed model.
 
-Generates synthetic slides (lesions in positive slides), runs tile, embed, train and heatmap,
-then reports the held-out slide AUC and how well attention finds the ground-truth lesions.
-The settings are :func:`demo_config` (mirrored in ``configs/demo.yaml``).
+Generates a labelled synthetic cohort (lesions in positive slides) and trains on it with 5-fold
+cross-validation, which leaves the ensemble of the fold models as the deployable model
+(``models/<name>/card.json``); then generates a second, unlabelled cohort in ``external/``
+(other slides, labels withheld in ``external/truth/labels.csv``) and scores it with that model
+where it lives (``wsimil predict`` and ``wsimil heatmap --model PATH``). It reports the pooled
+cross-validation metrics, the external predictions against the withheld labels and how well
+attention finds the external slides' ground-truth lesions. The settings are
+:func:`demo_config` (mirrored in ``configs/demo.yaml``).
 """
 
 from __future__ import annotations
@@ -18,11 +23,14 @@ from .config import Config
 from .layout import RunLayout
 
 DEMO_N_SLIDES = 24
+DEMO_N_EXTERNAL = 6
 DEMO_SIZE_PX = 10_000
+EXTERNAL = "external"  # the unlabelled cohort's run folder, inside the demo's
 
 
 def demo_config(*, encoder: str | None = None, seed: int = 0) -> Config:
-    """The demo's settings: 10x tiles (1 µm/px) of 224 px, EfficientNet-Lite0 ImageNet features."""
+    """The demo's settings: 10x tiles (1 µm/px) of 224 px, EfficientNet-Lite0 ImageNet features,
+    5-fold cross-validation (one repeat)."""
     return Config.model_validate(
         {
             "tile": {"target_mpp": 1.0, "tile_px": 224, "tissue_threshold": 0.5},
@@ -37,9 +45,11 @@ def demo_config(*, encoder: str | None = None, seed: int = 0) -> Config:
                 "epochs": 60,
                 "patience": 15,
                 "lr": 2e-4,
-                "test_fraction": 0.3,
                 "val_fraction": 0.2,
                 "seed": seed,
+                "protocol": "cv",
+                "n_folds": 5,
+                "n_repeats": 1,
             },
             "heatmap": {"thumbnail_px": 1024},
         }
@@ -116,7 +126,7 @@ def localisation(
 def _timed(times: dict, name: str, fn, *args, **kwargs):
     t0 = time.perf_counter()
     out = fn(*args, **kwargs)
-    times[name] = time.perf_counter() - t0
+    times[name] = times.get(name, 0.0) + time.perf_counter() - t0
     return out
 
 
@@ -131,94 +141,179 @@ def _make_cohort(out_dir: Path, n: int, size: int, seed: int, console) -> Path:
         )  # fmt: skip
 
 
-def _print_results(say, out_dir: Path, cfg: Config, tiles, res, loc_test, loc_all, times, total):
-    layout = RunLayout(out_dir)
+def _make_external(ext_dir: Path, n: int, size: int, seed: int, console) -> Path:
+    """The unlabelled cohort: synthetic slides of another seed, ids ``ext_*``, the label column
+    left empty; the withheld labels go to ``truth/labels.csv`` beside the lesion masks."""
+    path = _make_cohort(ext_dir, n, size, seed + 1000, console)
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    table["slide_id"] = table["slide_id"].str.replace("synth_", "ext_", regex=False)
+    table[["slide_id", "label"]].to_csv(ext_dir / "truth" / "labels.csv", index=False)
+    table["label"] = ""
+    table.to_csv(path, index=False)
+    return path
+
+
+def external_results(ext_dir: Path, model_name: str) -> dict:
+    """The external predictions against the withheld labels: ``n_slides``, ``n_predicted_positive``,
+    ``auc`` and ``accuracy`` (NaN when a class is missing), ``predictions`` (the CSV's path)."""
+    from sklearn.metrics import roc_auc_score
+
+    path = RunLayout(ext_dir).predicted(model_name).path / "predictions.csv"
+    pred = pd.read_csv(path).merge(pd.read_csv(ext_dir / "truth" / "labels.csv"), on="slide_id",
+                                   suffixes=("", "_withheld"))  # fmt: skip
+    y = pred["label_withheld"].to_numpy()
+    two = len(set(y.tolist())) == 2
+    return {
+        "n_slides": len(pred),
+        "n_predicted_positive": int((pred.prediction == 1).sum()),
+        "auc": float(roc_auc_score(y, pred.probability)) if two else float("nan"),
+        "accuracy": float((pred.prediction == y).mean()) if len(pred) else float("nan"),
+        "predictions": str(path),
+    }
+
+
+def _ci(m: dict) -> str:
+    lo, hi = m["ci95"]
+    return f"{m['value']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def _print_results(say, out_dir: Path, cfg: Config, result: dict, tiles: dict) -> None:
+    layout, ext = RunLayout(out_dir), RunLayout(out_dir / EXTERNAL)
+    name, cv, xr, loc = cfg.train.name, result["cv"], result["external"], result["localisation"]
     say("")
     say("[bold]wsimil demo results[/bold]")
     say(
-        f"  tiles: {int(tiles.n_tiles.sum()):,} over {len(tiles)} slides; "
-        f"features in {layout.features(cfg.embed.encoder).path}"
+        f"  tiles: {tiles['cohort']:,} over the cohort's slides, {tiles['external']:,} over the external slides"
+    )
+    if cv is not None:
+        m = cv["metrics"]
+        say(
+            f"  {cfg.train.n_folds}-fold CV, test predictions pooled ({cv['n_slides']} slides, each once; 95% CI): "
+            f"AUC {_ci(m['auc'])}  balanced accuracy {_ci(m['balanced_accuracy'])}  "
+            f"sensitivity {_ci(m['sensitivity'])}  specificity {_ci(m['specificity'])}"
+        )
+    say(f"  per fold: AUC {result['cv_auc_mean']:.3f} ± {result['cv_auc_std']:.3f}")
+    say(
+        f"  model (ensemble of the {cfg.train.n_folds} fold models): {layout.model_dir(name)}/card.json"
     )
     say(
-        f"  held-out slides: {res['n']}  slide AUC {res['auc']:.3f}  accuracy {res['accuracy']:.3f}  F1 {res['f1']:.3f}"
+        f"  external cohort ({xr['n_slides']} unlabelled slides): {xr['n_predicted_positive']} predicted positive; "
+        f"against the withheld labels AUC {xr['auc']:.3f}, accuracy {xr['accuracy']:.3f}"
     )
     say(
-        f"  lesion localisation (attention vs ground-truth lesion tiles), held-out positive slides ({loc_test['n_slides']}): "
-        f"AUC {loc_test['auc_mean']:.3f} (pooled {loc_test['auc_pooled']:.3f}), top-10 tiles on lesion {loc_test['top10_on_lesion']:.2f}"
+        f"  lesion localisation on the external positive slides ({loc['n_slides']}; attention vs ground-truth "
+        f"lesion tiles): AUC {loc['auc_mean']:.3f} (pooled {loc['auc_pooled']:.3f}), top-10 tiles on lesion {loc['top10_on_lesion']:.2f}"
     )
-    say(
-        f"  all positive slides ({loc_all['n_slides']}): AUC {loc_all['auc_mean']:.3f}, top-10 on lesion {loc_all['top10_on_lesion']:.2f}"
-    )
-    say(
-        "  seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) + f", total {total:.0f}"
-    )
-    say(f"  model: {res['model_dir']}")
-    say(f"  heatmaps: {layout.heatmaps(cfg.train.name).path}/slides/<slide_id>/<slide_id>.png")
-    say(f"  review page: {layout.review_index(cfg.train.name)}")
+    times = result["seconds"]
+    say("  seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items())
+        + f", total {result['total_seconds']:.0f}")  # fmt: skip
+    say(f"  external predictions: {xr['predictions']}")
+    say(f"  external heatmaps: {ext.heatmaps(name).path}/slides/<slide_id>/<slide_id>.png")
+    say(f"  review page: {ext.review_index(name)}")
+
+
+def _stages(manifests: dict, dirs: dict, cfg: Config, times: dict, say, console) -> dict:
+    """Tile and embed both cohorts, train on the first, predict and draw the second."""
+    from .embed import run_embed
+    from .heatmap import run_heatmap
+    from .predict import run_predict
+    from .tile import run_tile
+    from .train import run_train
+
+    out = {"tile": {}, "embed": {}}
+    say("[bold]2/6 tile[/bold] (both cohorts)")
+    for k in manifests:
+        out["tile"][k] = _timed(times, "tile", run_tile, manifests[k], dirs[k], cfg.tile,
+                                console=console)  # fmt: skip
+    say(f"[bold]3/6 embed[/bold] (both cohorts) with {cfg.embed.encoder}")
+    for k in manifests:
+        out["embed"][k] = _timed(times, "embed", run_embed, manifests[k], dirs[k], cfg.embed,
+                                 console=console)  # fmt: skip
+    say(f"[bold]4/6 train[/bold] {cfg.train.model}, {cfg.train.n_folds}-fold cross-validation")
+    out["train"] = _timed(
+        times, "train", run_train, manifests["cohort"], dirs["cohort"], cfg.train,
+        encoder=cfg.embed.encoder, console=console,
+    )  # fmt: skip
+    model = str(Path(out["train"]["model_dir"]).resolve())
+    say(f"[bold]5/6 predict[/bold] the external cohort with {model}")
+    out["predict"] = _timed(times, "predict", run_predict, manifests["external"],
+                            dirs["external"], model, console=console)  # fmt: skip
+    say("[bold]6/6 heatmap[/bold] the external cohort")
+    out["heatmap"] = _timed(
+        times, "heatmap", run_heatmap, manifests["external"], dirs["external"], cfg.heatmap,
+        model_name=model, console=console,
+    )  # fmt: skip
+    return out
+
+
+def _fit_folds(cfg: Config, manifest: pd.DataFrame, say) -> Config:
+    """Fewer folds when a class has fewer slides than ``n_folds`` (a small ``--n-slides``)."""
+    counts = manifest[cfg.train.label_column].value_counts()
+    folds = min(cfg.train.n_folds, int(counts.min()) if len(counts) == 2 else 0)
+    if folds < 2:
+        raise ValueError(f"{len(manifest)} slides: cross-validation needs 2 of each class")
+    if folds == cfg.train.n_folds:
+        return cfg
+    say(f"{counts.min()} slides in the smaller class: {folds}-fold cross-validation")
+    train = cfg.train.model_copy(update={"n_folds": folds})
+    return cfg.model_copy(update={"train": train})
 
 
 def run_demo(
     out_dir: str | Path,
     *,
     n_slides: int | None = None,
+    n_external: int | None = None,
     size_px: int | None = None,
     encoder: str | None = None,
     seed: int = 0,
     console=None,
 ) -> dict:
-    """Generate the sample cohort in ``out_dir`` and run every stage; print and return the results."""
+    """Generate the sample cohorts in ``out_dir`` and run every stage; print and return the results."""
     from .config import save_config
-    from .embed import run_embed
-    from .heatmap import run_heatmap
     from .manifest import read_manifest
-    from .tile import run_tile
-    from .train import run_train
 
     say = console.print if console is not None else print
     out_dir = Path(out_dir)
-    layout = RunLayout(out_dir)
+    dirs = {"cohort": out_dir, "external": out_dir / EXTERNAL}
     cfg = demo_config(encoder=encoder, seed=seed)
-    n, size = n_slides or DEMO_N_SLIDES, size_px or DEMO_SIZE_PX
+    n, n_ext, size = (
+        n_slides or DEMO_N_SLIDES,
+        n_external or DEMO_N_EXTERNAL,
+        size_px or DEMO_SIZE_PX,
+    )
     times: dict[str, float] = {}
     t_all = time.perf_counter()
 
-    say(f"[bold]1/5 synth[/bold]: {n} slides of {size:,} x {size:,} px at 0.5 µm/px into {out_dir}")
-    manifest_path = _timed(times, "synth", _make_cohort, out_dir, n, size, seed, console)
-    save_config(cfg, layout.demo_config)
-    manifest = read_manifest(manifest_path, require_label=True)
-    say("[bold]2/5 tile[/bold]")
-    tiles = _timed(times, "tile", run_tile, manifest, out_dir, cfg.tile, console=console)
-    say(f"[bold]3/5 embed[/bold] with {cfg.embed.encoder}")
-    feats = _timed(times, "embed", run_embed, manifest, out_dir, cfg.embed, console=console)
-    say(f"[bold]4/5 train[/bold] {cfg.train.model}")
-    res = _timed(
-        times, "train", run_train, manifest, out_dir, cfg.train, encoder=cfg.embed.encoder,
-        console=console,
-    )  # fmt: skip
-    say("[bold]5/5 heatmap[/bold]")
-    hm = _timed(
-        times, "heatmap", run_heatmap, manifest, out_dir, cfg.heatmap,
-        model_name=cfg.train.name, console=console,
-    )  # fmt: skip
+    say(f"[bold]1/6 synth[/bold]: {n} slides of {size:,} x {size:,} px at 0.5 µm/px into {out_dir}, "
+        f"{n_ext} unlabelled ones into {dirs['external']}")  # fmt: skip
+    paths = {"cohort": _timed(times, "synth", _make_cohort, out_dir, n, size, seed, console),
+             "external": _timed(times, "synth", _make_external, dirs["external"], n_ext, size,
+                                seed, console)}  # fmt: skip
+    manifests = {k: read_manifest(p, require_label=k == "cohort") for k, p in paths.items()}
+    cfg = _fit_folds(cfg, manifests["cohort"], say)
+    save_config(cfg, RunLayout(out_dir).demo_config)
+    out = _stages(manifests, dirs, cfg, times, say, console)
 
-    pred = pd.read_csv(Path(res["model_dir"]) / "predictions.csv")
-    test_pos = pred[(pred.split == "test") & (pred.label == 1)].slide_id.tolist()
-    loc_test = localisation(out_dir, manifest, cfg.train.name, test_pos)
-    loc_all = localisation(
-        out_dir, manifest, cfg.train.name, pred[pred.label == 1].slide_id.tolist()
-    )
-    total = time.perf_counter() - t_all
-    failed = sum(int((df.status == "error").sum()) for df in (tiles, feats, hm))
-    _print_results(say, out_dir, cfg, tiles, res, loc_test, loc_all, times, total)
-    if failed:
-        say(f"[red]{failed} slide-stage(s) failed; see the status.jsonl files[/red]")
+    model_name = Path(out["train"]["model_dir"]).name
+    pooled = Path(out["train"]["model_dir"]) / "metrics_pooled.json"
+    truth = pd.read_csv(dirs["external"] / "truth" / "labels.csv")
+    loc = localisation(dirs["external"], manifests["external"], model_name,
+                       truth[truth.label == 1].slide_id.tolist())  # fmt: skip
+    frames = [*out["tile"].values(), *out["embed"].values(), out["predict"], out["heatmap"]]
     result = {
-        "slide_auc": res["auc"],
-        "localisation": loc_test,
-        "localisation_all": loc_all,
+        "cv": json.loads(pooled.read_text()) if pooled.is_file() else None,
+        "cv_auc_mean": out["train"]["auc"],
+        "cv_auc_std": out["train"]["auc_std"],
+        "external": external_results(dirs["external"], model_name),
+        "localisation": loc,
         "seconds": times,
-        "total_seconds": total,
-        "failed": failed,
+        "total_seconds": time.perf_counter() - t_all,
+        "failed": sum(int((df.status == "error").sum()) for df in frames),
     }
-    layout.demo_results.write_text(json.dumps(result, indent=2, default=float))
+    tiles = {k: int(df.n_tiles.sum()) for k, df in out["tile"].items()}
+    _print_results(say, out_dir, cfg, result, tiles)
+    if result["failed"]:
+        say(f"[red]{result['failed']} slide-stage(s) failed; see the status.jsonl files[/red]")
+    RunLayout(out_dir).demo_results.write_text(json.dumps(result, indent=2, default=float))
     return result

@@ -14,5 +14,8 @@ if [ "$1" = "--status" ]; then
 fi
 pod="$(mktemp -d "${WSIMIL_POD_ROOT:-${TMPDIR:-/tmp}}/pod.XXXXXX")"
 cp "$1" "$pod/jobscript.sh"
-(cd "$pod" && rc=0 && { bash jobscript.sh >job.log 2>&1 </dev/null || rc=$?; } && echo "$rc" >exit_code) &
+# The pod runs detached from this script's stdout: Snakemake reads the job id from it until it
+# closes, so a pod holding it open would make every submission wait for the job to end.
+(cd "$pod" && rc=0 && { bash jobscript.sh >job.log 2>&1 </dev/null || rc=$?; } && echo "$rc" >exit_code) \
+  </dev/null >/dev/null 2>&1 &
 echo "$pod"
