@@ -157,6 +157,13 @@ def test_workflow_without_shared_file_system(workflow_run):
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "Nothing to be done" in log, log[-3000:]
     assert len(list(pods.iterdir())) == 11
+    # Re-embedding one slide re-plans that slide, not the training: the model in the storage
+    # is seen as complete.
+    shutil.rmtree(next((w["run"] / "features").glob("*/synth_001.zarr")))
+    proc = subprocess.run([*w["cmd"], "--dry-run"], capture_output=True, text=True, cwd=work,
+                          env=w["env"])  # fmt: skip
+    planned = _job_counts(proc.stdout + proc.stderr)
+    assert proc.returncode == 0 and planned.get("embed") == 1 and "train" not in planned, planned
 
 
 def test_workflow_runs_locally_reruns_only_what_is_missing_and_predicts(workflow_run, tmp_path):
