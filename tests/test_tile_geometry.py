@@ -34,6 +34,7 @@ def test_edge_tiles_cover_the_right_and_bottom_edges_and_count_their_padding_as_
     np.testing.assert_allclose(frac, [0.5, 1.0], atol=1e-6)
 
 
+@pytest.mark.skipif(not CMU.exists(), reason=f"real H&E slide not present at {CMU}")
 def test_tissue_at_the_bottom_edge_of_a_real_slide_gets_tiles():
     from wsimil.config import TileConfig
     from wsimil.slide import open_slide
