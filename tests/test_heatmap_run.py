@@ -461,6 +461,13 @@ def test_a_three_class_model_draws_the_predicted_class_map_and_shows_every_class
         for c in card["classes"]:  # each class's attention branch sums to 1 over the tiles
             assert table[f"map_{c}"].sum() == pytest.approx(1, abs=1e-3)
         np.testing.assert_allclose(table.attention, table[f"map_{rec['prediction']}"], atol=1e-6)
+        overlays = rec["files"]["class_overlays"]  # one overlay per class, drawn from its map
+        assert list(overlays) == card["classes"]
+        assert all((folder / f).stat().st_size > 1000 for f in overlays.values())
+        page = (folder / f"{sid}.html").read_text()
+        assert "Evidence for each class" in page and all(
+            f'src="{f}"' in page for f in overlays.values()
+        )
     page = (run / "heatmaps" / "tri" / "index.html").read_text()
     assert all(f"{c} 0." in page or f"{c} 1." in page for c in card["classes"])
     from wsimil.predict import run_predict

@@ -18,7 +18,7 @@ import numpy as np
 
 from .layout import HeatmapFiles
 from .pyramid import IndexedGridTiles, PyramidLevel, level_sizes, write_tiff_pyramid
-from .raster import colour_lut, mask_outline, paint_tiles, render_overlay, smooth_heat
+from .raster import colour_lut, mask_outline, minmax, paint_tiles, render_overlay, smooth_heat
 
 MEASUREMENTS = ("attention", "attention_scaled", "rank", "instance_score")
 
@@ -228,6 +228,27 @@ def write_top_crops(
     return out
 
 
+def _class_overlays(table, thumb, ds, coords, files, cfg, tile_px_level0, *, title, outline):
+    """One overlay per class for models with a map per class (``map_<class>`` columns, each
+    min-max scaled on its own): ``<slide_id>.class<k>.png``, k the class's position (class
+    names never reach a file name). Returns class name -> file name."""
+    from PIL import Image
+
+    out = {}
+    for k, col in enumerate(c for c in table.columns if c.startswith("map_")):
+        name = col[len("map_") :]
+        heat, covered = paint_tiles(minmax(table[col].to_numpy(np.float64)), coords,
+                                    tile_px_level0=tile_px_level0, downsample=ds,
+                                    shape=thumb.shape[:2])  # fmt: skip
+        heat = smooth_heat(heat, covered, sigma_px=cfg.smooth_tiles * tile_px_level0 / ds)
+        img = render_overlay(thumb, heat, covered, cmap=cfg.cmap, alpha=cfg.alpha,
+                             title=f"{title}  evidence for {name}", outline=outline)  # fmt: skip
+        path = files.folder / f"{files.slide_id}.class{k}.png"
+        Image.fromarray(img).save(path)
+        out[name] = path.name
+    return out
+
+
 def export_slide(
     slide,
     table,
@@ -280,6 +301,8 @@ def export_slide(
     )
     Image.fromarray(img).save(files.overlay)
     Image.fromarray(thumb).save(files.thumbnail, quality=85)
+    res["class_overlays"] = _class_overlays(table, thumb, ds, coords, files, cfg, tile_px_level0,
+                                            title=title, outline=outline)  # fmt: skip
     secs["overlay"] = time.perf_counter() - t0
 
     if cfg.geojson:

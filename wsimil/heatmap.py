@@ -35,22 +35,11 @@ from .earlier import before_heatmap
 from .export import export_slide
 from .layout import HeatmapFiles, RunLayout
 from .manifest import mpp_override
-from .raster import render_overlay
+from .raster import minmax, render_overlay
 from .review import write_slide_page
 from .runner import SlideOutcome, SlideStage, run_slides
 from .slide import SlideError, open_slide
 from .store import atomic_output, config_hash, open_store, store_attrs
-
-
-def minmax(values: np.ndarray) -> np.ndarray:
-    """``(v - min v) / (max v - min v)``; all zeros when the values are constant."""
-    values = np.asarray(values, dtype=np.float64)
-    if values.size == 0:
-        return values.astype(np.float32)
-    lo, hi = values.min(), values.max()
-    if hi - lo <= 0:
-        return np.zeros_like(values, dtype=np.float32)
-    return ((values - lo) / (hi - lo)).astype(np.float32)
 
 
 def percentile_rank(values: np.ndarray) -> np.ndarray:

@@ -163,3 +163,14 @@ def _add_colour_bar(img: np.ndarray, lut: np.ndarray, *, title: str) -> np.ndarr
     if title:
         d.text((6, 4), title, fill=(0, 0, 0))
     return np.asarray(im)
+
+
+def minmax(values: np.ndarray) -> np.ndarray:
+    """``(v - min v) / (max v - min v)``; all zeros when the values are constant."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return values.astype(np.float32)
+    lo, hi = values.min(), values.max()
+    if hi - lo <= 0:
+        return np.zeros_like(values, dtype=np.float32)
+    return ((values - lo) / (hi - lo)).astype(np.float32)

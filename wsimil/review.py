@@ -119,10 +119,23 @@ def write_slide_page(files: HeatmapFiles, record: dict) -> Path:
         + "</p>"
         f'<div class="side"><img alt="thumbnail" src="{_href(info.get("thumbnail", ""))}">'
         f'<img alt="attention overlay" src="{_href(info.get("overlay", ""))}"></div>'
-        f'<h2>Top {len(figs)} attended tiles</h2><div class="tiles">{"".join(figs) or "<p>none saved</p>"}</div>'
+        + _class_figures(info.get("class_overlays") or {})
+        + f'<h2>Top {len(figs)} attended tiles</h2><div class="tiles">{"".join(figs) or "<p>none saved</p>"}</div>'
     )
     files.page.write_text(_page(f"{sid} - wsimil", body), encoding="utf-8")
     return files.page
+
+
+def _class_figures(overlays: dict) -> str:
+    """The per-class evidence overlays (3+ classes with a map per class), side by side."""
+    if not overlays:
+        return ""
+    figs = "".join(
+        f'<figure><img alt="evidence for {escape(str(c))}" src="{_href(f)}">'
+        f"<figcaption>{escape(str(c))}</figcaption></figure>"
+        for c, f in overlays.items()
+    )
+    return f'<h2>Evidence for each class</h2><div class="side">{figs}</div>'
 
 
 def _index_row(record: dict) -> str:
