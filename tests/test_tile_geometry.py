@@ -154,3 +154,18 @@ def test_big_level_without_pyramid_is_read_in_bounded_strips(tmp_path):
     assert strips.shape == whole.shape == (125, 150, 3)
     assert np.abs(strips.astype(float) - expect).max() <= 1.0
     assert np.abs(whole.astype(float) - expect).max() <= 1.5
+
+
+def test_cross_morphology_from_slices_equals_scipy_closing_then_opening():
+    from scipy.ndimage import binary_closing, binary_opening
+    from skimage.morphology import disk
+
+    from wsimil.tissue import dilate_cross, erode_cross
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        m = rng.random((37, 53)) > rng.uniform(0.2, 0.8)
+        want = binary_opening(
+            binary_closing(m, structure=disk(1), border_value=0), structure=disk(1)
+        )
+        np.testing.assert_array_equal(dilate_cross(erode_cross(erode_cross(dilate_cross(m)))), want)

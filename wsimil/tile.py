@@ -127,8 +127,9 @@ def tile_fractions(
     if len(coords) == 0:
         return np.zeros(0, np.float32)
     h, w = mask.shape
-    integral = np.zeros((h + 1, w + 1), np.float64)
-    integral[1:, 1:] = np.cumsum(np.cumsum(mask, axis=0, dtype=np.float64), axis=1)
+    dtype = np.int32 if h * w < 2**31 else np.int64  # exact counts, half the memory of float64
+    integral = np.zeros((h + 1, w + 1), dtype)
+    integral[1:, 1:] = np.cumsum(np.cumsum(mask, axis=0, dtype=dtype), axis=1, dtype=dtype)
     x0 = np.clip(np.round(coords[:, 0] / downsample).astype(np.int64), 0, w)
     y0 = np.clip(np.round(coords[:, 1] / downsample).astype(np.int64), 0, h)
     x1 = np.clip(np.round((coords[:, 0] + tile_px) / downsample).astype(np.int64), 0, w)

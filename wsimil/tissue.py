@@ -43,15 +43,15 @@ def tissue_mask(
     -------
     ndarray, shape (H, W), bool
     """
-    from scipy.ndimage import binary_closing, binary_opening
-    from skimage.filters import gaussian, threshold_otsu
-    from skimage.morphology import disk, remove_small_holes, remove_small_objects
+    from scipy.ndimage import gaussian_filter
+    from skimage.filters import threshold_otsu
+    from skimage.morphology import remove_small_holes, remove_small_objects
 
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) RGB image, got shape {rgb.shape}")
     hi, lo = channel_range(rgb)
     sat = tissue_signal(rgb, hi=hi, lo=lo)
-    sat = gaussian(sat, sigma=max(blur_um / pixel_um, 0.0), preserve_range=True)
+    sat = gaussian_filter(sat, sigma=max(blur_um / pixel_um, 0.0), mode="nearest", truncate=4.0)
     spread = float(sat.max() - sat.min())
     thr = threshold_otsu(sat) if spread > 1e-3 else max_saturation_threshold
     thr = float(np.clip(thr, min_saturation, max_saturation_threshold))
@@ -63,14 +63,37 @@ def tissue_mask(
         mask &= hi >= black_level
     if remove_pen:
         mask &= ~pen_mask(rgb)
-    mask = binary_closing(mask, structure=disk(1), border_value=0)
-    mask = binary_opening(mask, structure=disk(1))
+    mask = erode_cross(dilate_cross(mask))  # closing, then opening, with the 3x3 cross
+    mask = dilate_cross(erode_cross(mask))
     px_area = pixel_um * pixel_um
     if min_tissue_um2 > 0:
         mask = remove_small_objects(mask, max_size=max(int(min_tissue_um2 / px_area), 1))
     if max_hole_um2 > 0:
         mask = remove_small_holes(mask, max_size=max(int(max_hole_um2 / px_area), 1))
     return mask
+
+
+def dilate_cross(mask: np.ndarray) -> np.ndarray:
+    """Binary dilation by the 3x3 cross (``disk(1)``) from shifted slices; outside is False."""
+    out = mask.copy()
+    out[1:] |= mask[:-1]
+    out[:-1] |= mask[1:]
+    out[:, 1:] |= mask[:, :-1]
+    out[:, :-1] |= mask[:, 1:]
+    return out
+
+
+def erode_cross(mask: np.ndarray) -> np.ndarray:
+    """Binary erosion by the 3x3 cross; pixels outside the image count as False (so the
+    border row and column erode), as ``scipy.ndimage.binary_erosion(border_value=0)``."""
+    out = mask.copy()
+    out[1:] &= mask[:-1]
+    out[:-1] &= mask[1:]
+    out[:, 1:] &= mask[:, :-1]
+    out[:, :-1] &= mask[:, 1:]
+    out[0] = out[-1] = False
+    out[:, 0] = out[:, -1] = False
+    return out
 
 
 def channel_range(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
