@@ -102,6 +102,11 @@ def _label(value):
     return None if name is None else class_value(name)
 
 
+def predict_settings(model_sha256: str) -> dict:
+    """What ``wsimil predict``'s outputs depend on besides the features: the model files."""
+    return {"stage": "predict", "model_sha256": model_sha256}
+
+
 def model_location(layout: RunLayout, model: str) -> tuple[Path, str]:
     """The model folder and the output name of ``--model``: a name under ``RUN/models`` or a path.
 
@@ -239,7 +244,7 @@ class HeatmapStage(SlideStage):
         """The slide's decision and tile table from ``wsimil predict`` with this model on these
         features (``predictions/<model>/slides/<id>/``), or None when it has not scored them."""
         folder = self.layout.predicted_slide(self.model_name, sid)
-        want = config_hash({"stage": "predict", "model_sha256": self.settings["model_sha256"],
+        want = config_hash({**predict_settings(self.settings["model_sha256"]),
                             "features": feature_attrs.get("config_hash")})  # fmt: skip
         try:
             record = json.loads((folder / "slide.json").read_text(encoding="utf-8"))

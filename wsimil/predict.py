@@ -24,7 +24,7 @@ import pandas as pd
 from .classes import check_manifest_labels
 from .config import HeatmapConfig
 from .deploy import SEEN_SPLITS
-from .heatmap import HeatmapStage, _label, slide_scores
+from .heatmap import HeatmapStage, _label, predict_settings, slide_scores
 from .layout import RunLayout
 from .runner import SlideOutcome, SlideStage, run_slides
 from .store import atomic_output, open_store, write_text_atomic
@@ -39,7 +39,7 @@ class PredictStage(HeatmapStage):
     def __init__(self, layout: RunLayout, model: str, *, device: str = "cpu"):
         super().__init__(layout, HeatmapConfig(device=device), model)
         SlideStage.__init__(self, layout.predicted(self.model_name))
-        self.settings = {"stage": "predict", "model_sha256": self.settings["model_sha256"]}
+        self.settings = predict_settings(self.settings["model_sha256"])
 
     def outputs(self, row):
         return [self.layout.predicted_slide(self.model_name, row["slide_id"])]

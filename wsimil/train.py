@@ -58,6 +58,18 @@ def _same_run(saved: dict, current: dict) -> bool:
     }
 
 
+def _saved_model(folder: Path, cfg: TrainConfig, split: dict, classes: list[str]):
+    """The model saved in ``folder`` when it was trained with these settings, split and
+    classes (``n_repeats``, threads, device and threshold aside), else None. A legacy pickled
+    ``checkpoint.pt`` is refused, never unpickled."""
+    if not has_model(folder):
+        return None
+    model, std, meta = load_checkpoint(folder)
+    same = (_same_run(meta["config"], cfg.model_dump(mode="json")) and meta["split"] == split
+            and meta["classes"] == classes)  # fmt: skip
+    return (model, std, meta) if same else None
+
+
 def _fold_model(fold: Fold, bags, model_dir: Path, cfg: TrainConfig, classes: list[str], *,
                 encoder, budget, console):  # fmt: skip
     """The fold's model: resumed from its checkpoint when trained with these settings, else fitted.
@@ -67,14 +79,10 @@ def _fold_model(fold: Fold, bags, model_dir: Path, cfg: TrainConfig, classes: li
     model, standardiser, history (None when resumed), best_epoch, resumed
     """
     fold_dir = model_dir / "folds" / f"r{fold.repeat}_f{fold.fold}"
-    if has_model(fold_dir):  # a legacy pickled checkpoint.pt is refused, never unpickled
-        model, std, meta = load_checkpoint(fold_dir)
-        if (
-            _same_run(meta["config"], cfg.model_dump(mode="json"))
-            and meta["split"] == fold.split
-            and meta["classes"] == classes
-        ):
-            return model, std, None, meta["best_epoch"], True
+    saved = _saved_model(fold_dir, cfg, fold.split, classes)
+    if saved is not None:
+        model, std, meta = saved
+        return model, std, None, meta["best_epoch"], True
     train = [b for b in bags if fold.split[b.bag_id] == "train"]
     val = [b for b in bags if fold.split[b.bag_id] == "val"]
     model, std, history, best_epoch = fit(
@@ -177,11 +185,9 @@ def _refit(bags, model_dir: Path, cfg: TrainConfig, classes, fold_metrics, *, en
     epochs = max(1, int(np.median([m["best_epoch"] for m in fold_metrics if m["repeat"] == 0])))
     settings = cfg.model_copy(update={"epochs": epochs, "val_fraction": 0.0, "refit": False})
     everything = Fold(0, 0, {b.bag_id: "train" for b in bags})
-    meta = load_checkpoint(model_dir)[2] if has_model(model_dir) else None
-    if (meta and meta["extras"].get("refit") and meta["classes"] == classes
-            and meta["split"] == everything.split
-            and _same_run(meta["config"], settings.model_dump(mode="json"))):  # fmt: skip
-        model, std, _ = load_checkpoint(model_dir)
+    saved = _saved_model(model_dir, settings, everything.split, classes)
+    if saved is not None and saved[2]["extras"].get("refit"):
+        model, std, _ = saved
     else:
         if console is not None:
             console.print(f"refit: one model on all {len(bags)} bags for {epochs} epochs")

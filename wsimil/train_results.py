@@ -112,6 +112,11 @@ def write_tables(model_dir: Path, pred_rows: list[dict], fold_metrics: list[dict
     return out
 
 
+def pooled_rows(pred_rows: list[dict]) -> list[dict]:
+    """The test predictions pooled over the folds: repeat 0, so each bag once."""
+    return [r for r in pred_rows if r["split"] == "test" and r.get("repeat", 0) == 0]
+
+
 def pooled_test_metrics(pred_rows: list[dict], bags: list[Bag], classes: list[str], *,
                         threshold: float | None, n_boot: int = 1000) -> dict | None:  # fmt: skip
     """Metrics over the test predictions pooled across folds (repeat 0: each bag once), with
@@ -120,7 +125,7 @@ def pooled_test_metrics(pred_rows: list[dict], bags: list[Bag], classes: list[st
     from .evaluate import evaluate
 
     group = {b.bag_id: b.group for b in bags}
-    rows = [r for r in pred_rows if r["split"] == "test" and r.get("repeat", 0) == 0]
+    rows = pooled_rows(pred_rows)
     y = np.array([r["_y"] for r in rows], dtype=int)
     if len(set(y.tolist())) < 2:
         return None
@@ -144,7 +149,7 @@ def write_card_and_plots(model_dir: Path, folds, cfg, bags, classes, thresholds,
     if pooled is not None:
         write_text_atomic(model_dir / "metrics_pooled.json", json.dumps(pooled, indent=1) + "\n")
         metrics["pooled_test"] = pooled
-        rows = [r for r in pred_rows if r["split"] == "test" and r.get("repeat", 0) == 0]
+        rows = pooled_rows(pred_rows)
         plot_roc_and_calibration(
             np.array([r["_y"] for r in rows]), np.array([r["_p"] for r in rows]), model_dir,
             title=f"{cfg.name} ({'pooled folds' if len(folds) > 1 else 'test'})", classes=classes,
