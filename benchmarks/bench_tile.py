@@ -15,7 +15,9 @@ With ``--peer clam`` it runs CLAM's ``create_patches_fp.py`` steps instead of th
 loop, side by side and alternating with wsimil, ``--repeats`` times per slide: segmentation
 (``segmentTissue`` at the level nearest a 64x downsample), the mask image (``visWSI``) and
 patching to h5 (``process_contours``; patch 256, step 256, level 0), with CLAM's default
-parameters on synthetic slides and its ``bwh_biopsy`` preset on ``--real`` slides. It
+parameters on synthetic slides and its ``bwh_biopsy`` preset on ``--real`` slides, in a
+process that imports what ``create_patches_fp.py`` imports (as wsimil's imports what ``wsimil
+tile`` does: pandas for the manifest in both, so peak memory compares real runs). It
 installs nothing: give a CLAM checkout (``--clam-dir``) and a Python with CLAM's dependencies
 (``--clam-python``: numpy, pandas, opencv, openslide, h5py, matplotlib, pillow, tqdm). For the
 ``--real`` slides it also reports coverage: the share of tissue pixels at full resolution (a
@@ -47,7 +49,7 @@ from wsimil.config import TileConfig
 from wsimil.slide import open_slide
 from wsimil.store import config_hash
 from wsimil.tile import _write_tile_store, grid_coords, tile_geometry, tile_settings, tile_slide, write_qc_image
-import PIL.Image, scipy.ndimage, skimage.color, skimage.filters, skimage.morphology, skimage.segmentation, zarr  # noqa
+import PIL.Image, scipy.ndimage, zarr  # noqa
 cfg = TileConfig()  # modules above are imported once per worker, not per slide: not timed
 t0 = time.perf_counter()
 slide = open_slide(path)
@@ -83,6 +85,7 @@ path, out, clam_dir, preset = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 sys.path.insert(0, clam_dir)
 import numpy as np, h5py
 from wsi_core.WholeSlideImage import WholeSlideImage
+import pandas, tqdm, wsi_core.wsi_utils, wsi_core.batch_process_utils  # the rest of create_patches_fp.py's imports
 seg = {"sthresh": 8, "mthresh": 7, "close": 4, "use_otsu": False}   # create_patches_fp defaults
 filt = {"a_t": 100, "a_h": 16, "max_n_holes": 8}
 line = 500
@@ -177,7 +180,10 @@ def ensure_slide(cache: Path, size: int) -> Path:
 
 
 def measure(approach: str, slide: Path, work: Path) -> dict:
+    import shutil
+
     work.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(work / "bench.zarr", ignore_errors=True)  # a fresh store, as CLAM's fresh h5
     r = subprocess.run([sys.executable, "-c", CHILD, approach, str(slide), str(work)], capture_output=True, text=True, check=True)
     return json.loads(r.stdout.strip().splitlines()[-1])
 

@@ -47,7 +47,7 @@ def test_tissue_at_the_bottom_edge_of_a_real_slide_gets_tiles():
     t = edges["geometry"].tile_px_level0
     assert (whole["coords"][:, 1] + t <= h0).all()
     over = edges["coords"][edges["coords"][:, 1] + t > h0]
-    assert len(over) >= 1 and (edges["tissue_fraction"] >= 0.5).all()
+    assert len(over) >= 1 and (edges["tissue_fraction"] >= TileConfig().tissue_threshold).all()
 
 
 def test_tile_fractions_from_an_integral_image():

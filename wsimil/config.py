@@ -29,13 +29,24 @@ class TileConfig(_Section):
     tile_px: int = Field(256, ge=16, description="tile size in pixels at target_mpp")
     overlap_px: int = Field(0, ge=0, description="overlap between neighbouring tiles at target_mpp")
     tissue_threshold: float = Field(
-        0.5, ge=0, le=1, description="minimum tissue fraction of a kept tile"
+        0.25, ge=0, le=1, description="minimum tissue fraction of a kept tile"
     )
     edge_tiles: bool = Field(
         True,
         description="also tiles running over the slide's right and bottom edges (padded with white), so tissue there is not lost",
     )
-    mask_mpp: float = Field(8.0, gt=0, description="µm per pixel of the tissue mask")
+    gap_tiles: bool = Field(
+        True,
+        description="add off-grid tiles over tissue the kept grid tiles miss (each holds tissue_threshold tissue and adds 10% of a tile of new tissue)",
+    )
+    mask_mpp: float = Field(
+        8.0, gt=0, description="µm per pixel of the tissue mask (its edges are drawn at this)"
+    )
+    mask_coarse_mpp: float | None = Field(
+        None,
+        gt=0,
+        description="µm per pixel of the coarse segmentation whose edges are redrawn at mask_mpp (default: from tile and region sizes, at most 32; = mask_mpp: one level)",
+    )
     min_tissue_um2: float = Field(
         20_000.0, ge=0, description="tissue regions smaller than this are dropped"
     )

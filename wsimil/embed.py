@@ -347,7 +347,7 @@ def _begin_store(path: Path, job: SlideJob, dim: int, enc_attrs: dict, device: s
             coords[...] = job.coords
         tattrs = dict(job.tile_attrs)
         chash = tattrs.pop("config_hash_embed")
-        g.attrs.update(
+        g.update_attributes(
             {
                 "slide_id": job.slide_id,
                 "n_tiles": n,

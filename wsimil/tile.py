@@ -23,12 +23,13 @@ import pandas as pd
 
 from . import __version__
 from .config import TileConfig
+from .grid import grid_coords, tile_fractions, tissue_grid  # noqa: F401 (grid_coords, tile_fractions: wsimil.tile API)
 from .layout import RunLayout
 from .manifest import MPP_RANGE, mpp_override
+from .mask import two_level_mask
 from .runner import SlideOutcome, SlideStage, run_slides
 from .slide import Slide, SlideError, open_slide
 from .store import atomic_output, atomic_store, config_hash, store_attrs, write_array
-from .tissue import tissue_mask
 
 
 @dataclass(frozen=True)
@@ -79,77 +80,11 @@ def tile_geometry(slide: Slide, cfg: TileConfig) -> TileGeometry:
     )
 
 
-def grid_coords(
-    width_px: int, height_px: int, *, tile_px: int, stride_px: int, edges: bool = False
-) -> np.ndarray:
-    """Top-left corners of the grid's tiles on a ``width_px`` x ``height_px`` image.
-
-    Parameters
-    ----------
-    edges : bool
-        Also the tiles that run over the right and bottom edges (read padded with white), so
-        the grid covers the whole image; otherwise only tiles wholly inside it.
-
-    Returns
-    -------
-    ndarray, shape (N, 2), int32
-        (x, y) in row-major order (y, then x). Empty when the image is smaller than one tile
-        (and ``edges`` is off).
-    """
-    last_x = width_px - 1 if edges else width_px - tile_px
-    last_y = height_px - 1 if edges else height_px - tile_px
-    xs = np.arange(0, last_x + 1, stride_px, dtype=np.int64)
-    ys = np.arange(0, last_y + 1, stride_px, dtype=np.int64)
-    if len(xs) == 0 or len(ys) == 0:
-        return np.zeros((0, 2), np.int32)
-    yy, xx = np.meshgrid(ys, xs, indexing="ij")
-    return np.stack([xx.ravel(), yy.ravel()], axis=1).astype(np.int32)
-
-
-def tile_fractions(
-    mask: np.ndarray, coords: np.ndarray, *, tile_px: int, downsample: float
-) -> np.ndarray:
-    """Fraction of each tile covered by ``mask``.
-
-    Parameters
-    ----------
-    mask : ndarray, shape (h, w), bool
-        Mask at ``downsample`` level-0 px per mask px.
-    coords : ndarray, shape (N, 2)
-        Level-0 (x, y) of the tiles.
-    tile_px : int
-        Tile side in level-0 px.
-
-    Returns
-    -------
-    ndarray, shape (N,), float32
-    """
-    if len(coords) == 0:
-        return np.zeros(0, np.float32)
-    h, w = mask.shape
-    dtype = np.int32 if h * w < 2**31 else np.int64  # exact counts, half the memory of float64
-    integral = np.zeros((h + 1, w + 1), dtype)
-    integral[1:, 1:] = np.cumsum(np.cumsum(mask, axis=0, dtype=dtype), axis=1, dtype=dtype)
-    x0 = np.clip(np.round(coords[:, 0] / downsample).astype(np.int64), 0, w)
-    y0 = np.clip(np.round(coords[:, 1] / downsample).astype(np.int64), 0, h)
-    x1 = np.clip(np.round((coords[:, 0] + tile_px) / downsample).astype(np.int64), 0, w)
-    y1 = np.clip(np.round((coords[:, 1] + tile_px) / downsample).astype(np.int64), 0, h)
-    x1 = np.maximum(x1, np.minimum(x0 + 1, w))
-    y1 = np.maximum(y1, np.minimum(y0 + 1, h))
-    # The whole tile's area, also where it runs over the image's edge (white padding there).
-    full = max(1, round(tile_px / downsample)) ** 2
-    area = np.maximum((x1 - x0) * (y1 - y0), full)
-    s = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
-    return (s / area).astype(np.float32)
-
-
 def slide_tissue_mask(
     slide: Slide, cfg: TileConfig, *, mask_file: str | Path | None = None
-) -> tuple[np.ndarray, float]:
-    """Tissue mask at about ``cfg.mask_mpp`` from a low-resolution level (never a big level 0).
-
-    A slide whose finest usable level is too big to hold (no pyramid) is read in bounded
-    strips, each block-averaged down to the mask grid.
+) -> tuple[np.ndarray, float, np.ndarray | None]:
+    """Tissue mask at about ``cfg.mask_mpp``: a user mask, or :func:`wsimil.mask.two_level_mask`
+    (segmented on a coarse level, edges redrawn at ``cfg.mask_mpp``; never a big level 0).
 
     Parameters
     ----------
@@ -163,28 +98,16 @@ def slide_tissue_mask(
     downsample : float
         Level-0 px per mask px.
     rgb : ndarray, shape (h, w, 3), uint8, or None
-        The image the mask was computed from (None for a user mask), reused for the QC image.
+        The coarse image the mask was segmented on (None for a user mask), for the QC image.
     """
     assert slide.mpp is not None
-    w0, h0 = slide.dimensions
-    ds = max(cfg.mask_mpp / slide.mpp, 1.0)
-    mw, mh = max(1, math.ceil(w0 / ds)), max(1, math.ceil(h0 / ds))
     if mask_file is not None:
+        w0, h0 = slide.dimensions
+        mw = max(1, math.ceil(w0 / max(cfg.mask_mpp / slide.mpp, 1.0)))
         from .annotations import load_mask
 
         return load_mask(mask_file, width_px=w0, height_px=h0, downsample=w0 / mw), w0 / mw, None
-    rgb = slide.read_downsampled((mw, mh))
-    pixel_um = slide.mpp * (w0 / mw)
-    mask = tissue_mask(
-        rgb,
-        pixel_um=pixel_um,
-        min_tissue_um2=cfg.min_tissue_um2,
-        max_hole_um2=cfg.max_hole_um2,
-        remove_pen=cfg.remove_pen,
-        white_level=cfg.white_level,
-        black_level=cfg.black_level,
-    )
-    return mask, w0 / mw, rgb
+    return two_level_mask(slide, cfg)
 
 
 def tile_settings(cfg: TileConfig, *, mask: str | None = None) -> dict:
@@ -206,18 +129,18 @@ def tile_slide(slide: Slide, cfg: TileConfig, *, mask_file: str | Path | None = 
     geom = tile_geometry(slide, cfg)
     mask, mask_ds, mask_rgb = slide_tissue_mask(slide, cfg, mask_file=mask_file)
     w0, h0 = slide.dimensions
-    coords = grid_coords(w0, h0, tile_px=geom.tile_px_level0, stride_px=geom.stride_px_level0,
-                         edges=cfg.edge_tiles)  # fmt: skip
-    frac = tile_fractions(mask, coords, tile_px=geom.tile_px_level0, downsample=mask_ds)
-    keep = frac >= max(cfg.tissue_threshold, 1e-6)
+    coords, frac, n_candidates = tissue_grid(
+        mask, mask_ds, (w0, h0), tile_px=geom.tile_px_level0, stride_px=geom.stride_px_level0,
+        threshold=cfg.tissue_threshold, edges=cfg.edge_tiles, gaps=cfg.gap_tiles,
+    )  # fmt: skip
     return {
-        "coords": coords[keep],
-        "tissue_fraction": frac[keep],
+        "coords": coords,
+        "tissue_fraction": frac,
         "mask": mask,
         "mask_downsample": mask_ds,
         "mask_rgb": mask_rgb,
         "geometry": geom,
-        "n_candidates": int(len(coords)),
+        "n_candidates": int(n_candidates),
         "slide_px": (w0, h0),
     }
 
@@ -225,16 +148,18 @@ def tile_slide(slide: Slide, cfg: TileConfig, *, mask_file: str | Path | None = 
 def write_qc_image(slide: Slide, result: dict, path: Path, *, max_px: int) -> None:
     """Thumbnail with the tissue-mask outline (green) and the kept tiles (blue boxes).
 
-    Drawn on the image the mask was computed from (reduced to ``max_px`` when larger), so no
-    larger level is decoded for it; a user mask's QC reads a thumbnail of ``max_px``.
+    Drawn on the largest image the mask read whole (reduced to ``max_px`` when larger), so
+    no larger level is decoded for it, unless that image is under 256 px across (or there is
+    none, for a user mask): then on a thumbnail of at most ``max_px`` and no larger than the
+    mask.
     """
-    from PIL import Image, ImageDraw
+    from PIL import Image
 
-    from .raster import mask_outline
+    from .raster import mask_outline, tile_outlines
 
-    thumb = result.get("mask_rgb")
-    if thumb is None:
-        thumb, ds = slide.thumbnail(max_px)
+    thumb, mask = result.get("mask_rgb"), result["mask"]
+    if thumb is None or max(thumb.shape[:2]) < min(256, max_px, max(mask.shape)):
+        thumb, ds = slide.thumbnail(min(max_px, max(mask.shape)))
     else:
         if max(thumb.shape[:2]) > max_px:
             s = max_px / max(thumb.shape[:2])
@@ -242,13 +167,11 @@ def write_qc_image(slide: Slide, result: dict, path: Path, *, max_px: int) -> No
             thumb = np.asarray(Image.fromarray(thumb).resize(size, Image.Resampling.BOX))
         ds = slide.dimensions[0] / thumb.shape[1]
     img = thumb.copy()
-    img[mask_outline(result["mask"], thumb.shape[:2])] = (0, 200, 0)
+    img[mask_outline(mask, thumb.shape[:2])] = (0, 200, 0)
+    boxes = tile_outlines(result["coords"], thumb.shape[:2],
+                          tile_px_level0=result["geometry"].tile_px_level0, downsample=ds)  # fmt: skip
+    img[boxes] = (30, 60, 220)
     im = Image.fromarray(img)
-    draw = ImageDraw.Draw(im)
-    t = result["geometry"].tile_px_level0 / ds
-    for x, y in result["coords"]:
-        x0, y0 = x / ds, y / ds
-        draw.rectangle([x0, y0, x0 + t - 1, y0 + t - 1], outline=(30, 60, 220))
     # A 256-colour palette keeps the QC image about 3x smaller than RGB and is quick to encode.
     im = im.quantize(256, method=Image.Quantize.FASTOCTREE)
     with atomic_output(path) as tmp:
@@ -352,7 +275,7 @@ def _write_tile_store(
         write_array(g, "coords", result["coords"].astype(np.int32))
         write_array(g, "tissue_fraction", result["tissue_fraction"].astype(np.float32))
         write_array(g, "tissue_mask", result["mask"].astype(np.uint8), chunk_rows=1024)
-        g.attrs.update(
+        g.update_attributes(
             {
                 "slide_id": slide_id,
                 "slide_path": str(slide.path),

@@ -1,0 +1,155 @@
+"""Two-level tissue masks (coarse segmentation, edges at the fine level) and gap tiles."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from wsimil.config import TileConfig
+from wsimil.grid import tissue_grid
+from wsimil.mask import coarse_mask_um, edge_runs, mask_grid, two_level_mask
+from wsimil.slide import open_slide
+
+CMU = Path(__file__).resolve().parents[2] / "shared" / "data" / "slides" / "cmu_small_region.svs"
+MPP = 2.0  # µm per level-0 px of the test slide: 32 µm coarse = level 2, 8 µm fine = level 1
+PINK = (215, 140, 190)
+
+
+def _reduce(img: np.ndarray, f: int) -> np.ndarray:
+    h, w = img.shape[0] // f, img.shape[1] // f
+    return img[: h * f, : w * f].reshape(h, f, w, f, 3).mean(axis=(1, 3)).round().astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def strand_slide(tmp_path_factory):
+    """A 4 x 4 mm pyramid (2 µm/px; levels 1, 4, 16): a tissue piece, a 30 µm x 1.6 mm strand
+    (48,000 µm², kept by the default 20,000 µm² minimum) and an 80 µm speck (dropped)."""
+    rng = np.random.default_rng(3)
+    img = (242 + rng.integers(0, 6, (2048, 2048, 3))).astype(np.uint8)
+    yy, xx = np.mgrid[:2048, :2048]
+    piece = ((yy - 700) / 380.0) ** 2 + ((xx - 650) / 320.0) ** 2 < 1
+    img[piece] = PINK
+    img[300:1100, 1400:1415] = PINK  # the strand: 15 px = 30 µm wide
+    img[1700:1740, 1700:1740] = PINK  # the speck: 6,400 µm²
+    path = tmp_path_factory.mktemp("mask") / "strand.ome.tif"
+    with tifffile.TiffWriter(path, ome=True) as tif:
+        tif.write(img, subifds=2, tile=(128, 128), photometric="rgb",
+                  metadata={"axes": "YXS", "PhysicalSizeX": MPP, "PhysicalSizeY": MPP})  # fmt: skip
+        for f in (4, 16):
+            tif.write(_reduce(img, f), subfiletype=1, tile=(64, 64), photometric="rgb")
+    return path, piece
+
+
+def _cfg(**kw):
+    return TileConfig(target_mpp=MPP, tile_px=64, **kw)  # 128 µm tiles
+
+
+def test_coarse_resolution_follows_tile_and_region_sizes():
+    assert coarse_mask_um(TileConfig()) == 32.0  # 128 µm tiles, 141 µm regions: 4 px across
+    assert coarse_mask_um(TileConfig(tile_px=64)) == 8.0  # 32 µm tiles: never under mask_mpp
+    assert coarse_mask_um(TileConfig(min_tissue_um2=0, max_hole_um2=0, tile_px=512)) == 32.0
+    assert coarse_mask_um(TileConfig(min_tissue_um2=1600)) == 10.0  # 40 µm regions
+    assert coarse_mask_um(TileConfig(mask_coarse_mpp=16)) == 16.0
+
+
+def test_two_level_mask_keeps_a_thin_strand_the_coarse_mask_loses(strand_slide):
+    path, piece = strand_slide
+    with open_slide(path) as s:
+        assert s.level_count == 3 and s.mpp == pytest.approx(MPP)
+        grid = mask_grid(s, _cfg())
+        assert grid.factor == 4 and grid.downsample == pytest.approx(4.0)
+        fine, ds, _ = two_level_mask(s, _cfg())
+        one_level, ds1, _ = two_level_mask(s, _cfg(mask_coarse_mpp=8))
+        coarse, ds_c, _ = two_level_mask(s, _cfg(mask_mpp=32))
+    assert ds == ds1 == pytest.approx(4.0) and ds_c == pytest.approx(16.0)
+    strand = (slice(300 // 4 + 2, 1100 // 4 - 2), slice(1400 // 4, 1416 // 4))
+    assert fine[strand].any(axis=1).mean() > 0.95  # kept along its whole length
+    assert not coarse[300 // 16 : 1100 // 16, 1400 // 16 : 1416 // 16 + 1].any()  # lost
+    assert not fine[1700 // 4 - 2 : 1740 // 4 + 2, 1700 // 4 - 2 : 1740 // 4 + 2].any()
+    # The piece's edge is drawn at 8 µm: the same mask as segmenting at 8 µm throughout.
+    truth = piece[::4, ::4]
+    iou = (fine & one_level).sum() / (fine | one_level).sum()
+    assert iou > 0.97
+    assert (fine[: truth.shape[0], : truth.shape[1]] == truth).mean() > 0.99
+
+
+def test_only_blocks_on_the_coarse_edge_are_read_again():
+    edge = np.zeros((64, 96), bool)
+    edge[10, 5:40] = True  # one edge row through three 16-px blocks
+    edge[50, 90] = True  # one pixel in the last (partial) block
+    runs = list(edge_runs(edge, block=16))
+    assert runs == [((0, 16), (0, 48)), ((48, 64), (80, 96))]
+    split = list(edge_runs(edge, block=16, max_px=32))  # runs are cut at max_px
+    assert split == [((0, 16), (0, 32)), ((0, 16), (32, 48)), ((48, 64), (80, 96))]
+    assert list(edge_runs(np.zeros((20, 20), bool))) == []
+
+
+def test_gap_tiles_cover_a_fragment_the_grid_splits_below_the_threshold():
+    mask = np.zeros((64, 64), bool)  # 16 level-0 px per mask px, tiles of 256 px = 16 mask px
+    mask[10:22, 10:22] = True  # 12 x 12 mask px on a grid corner: 36 px (14%) in each of 4 cells
+    mask[32:48, 32:48] = True  # one whole grid cell
+    kw = dict(tile_px=256, stride_px=256, threshold=0.25)
+    grid_only, frac0, n = tissue_grid(mask, 16.0, (1024, 1024), gaps=False, **kw)
+    coords, frac, n2 = tissue_grid(mask, 16.0, (1024, 1024), **kw)
+    assert n == n2 == 16 and grid_only.tolist() == [[512, 512]]
+    assert len(coords) == 2 and coords[0].tolist() == [512, 512]  # grid tiles come first
+    x, y = coords[1] // 16
+    assert x <= 10 and y <= 10 and x + 16 >= 22 and y + 16 >= 22  # the fragment, whole
+    assert frac[1] == pytest.approx(144 / 256) and (frac >= 0.25).all()
+    # A fragment too small for a tile of its own at the threshold gets none.
+    tiny = np.zeros((64, 64), bool)
+    tiny[14:18, 14:18] = True
+    assert len(tissue_grid(tiny, 16.0, (1024, 1024), **kw)[0]) == 0
+
+
+@pytest.mark.skipif(not CMU.exists(), reason=f"real H&E slide not present at {CMU}")
+def test_real_slide_tiles_cover_95_percent_of_its_tissue_none_under_a_quarter():
+    from wsimil.tile import tile_slide
+
+    with open_slide(CMU) as s:
+        w0, h0 = s.dimensions
+        rgb = s.read_region((0, 0), 0, (w0, h0)).astype(np.int16)
+        res = tile_slide(s, TileConfig())
+    hi, lo = rgb.max(axis=2), rgb.min(axis=2)
+    tissue = ((hi - lo) >= 0.1 * np.maximum(hi, 1)) & (lo < 230)  # neutral rule, level 0
+    t = res["geometry"].tile_px_level0
+    inside = np.zeros_like(tissue)
+    for x, y in res["coords"]:
+        inside[max(y, 0) : y + t, max(x, 0) : x + t] = True
+        assert tissue[max(y, 0) : y + t, max(x, 0) : x + t].sum() >= 0.25 * t * t
+    assert (tissue & inside).sum() >= 0.95 * tissue.sum()
+
+
+def test_own_otsu_and_small_region_removal_match_scikit_image():
+    from skimage.filters import threshold_otsu
+    from skimage.morphology import remove_small_holes, remove_small_objects
+
+    from wsimil.tissue import drop_small_regions, otsu_threshold
+
+    rng = np.random.default_rng(0)
+    signal = rng.beta(2, 5, (300, 400)).astype(np.float32)
+    assert otsu_threshold(signal) == pytest.approx(threshold_otsu(signal), abs=1e-6)
+    m = rng.random((3000, 500)) > 0.6  # more rows than one band of the banded counts
+    expected = remove_small_objects(m, max_size=5)
+    np.testing.assert_array_equal(drop_small_regions(m.copy(), max_size=5), expected)
+    np.testing.assert_array_equal(~drop_small_regions(~m, max_size=5),
+                                  remove_small_holes(m, max_size=5))  # fmt: skip
+
+
+def test_tile_outlines_draw_what_pillow_draws():
+    from PIL import Image, ImageDraw
+
+    from wsimil.raster import tile_outlines
+
+    rng = np.random.default_rng(1)
+    coords = rng.integers(-300, 3000, (200, 2))  # some tiles run over every edge
+    ds, t, shape = 7.3, 256, (400, 380)
+    im = Image.new("1", (shape[1], shape[0]))
+    draw = ImageDraw.Draw(im)
+    side = round(t / ds)
+    for x, y in coords:
+        x0, y0 = np.floor(x / ds), np.floor(y / ds)
+        draw.rectangle([x0, y0, x0 + side - 1, y0 + side - 1], outline=1)
+    got = tile_outlines(coords, shape, tile_px_level0=t, downsample=ds)
+    np.testing.assert_array_equal(got, np.asarray(im))
