@@ -121,84 +121,83 @@ def tissue_grid(
     frac = box_fractions(integral, coords, tile_px=tile_px, downsample=downsample)
     keep = frac >= thr
     kept, kept_frac = coords[keep], frac[keep]
-    if gaps and len(coords):
-        if stride_px == tile_px:  # tiles are the grid's cells: no raster of each tile needed
-            ny = len(np.unique(coords[:, 1]))
-            covered = cells_raster(keep.reshape(ny, -1), mask.shape, cell_px=tile_px,
-                                   downsample=downsample)  # fmt: skip
-        else:
-            covered = tiles_raster(kept, mask.shape, tile_px=tile_px, downsample=downsample)
-        extra, extra_frac = gap_tiles(mask, downsample, covered, tile_px=tile_px, threshold=thr,
-                                      min_new=GAP_MIN_NEW, inside=None if edges else size,
-                                      integral=integral)  # fmt: skip
-        kept = np.concatenate([kept, extra])
-        kept_frac = np.concatenate([kept_frac, extra_frac])
-    return kept, kept_frac, len(coords)
+    if not (gaps and len(coords)):
+        return kept, kept_frac, len(coords)
+    lattice = gap_lattice(mask.shape, downsample, tile_px=tile_px, inside=None if edges else size)
+    full = np.concatenate([np.zeros(0, np.float32)] + [
+        box_fractions(integral, lattice[i : i + 2**15], tile_px=tile_px, downsample=downsample)
+        for i in range(0, len(lattice), 2**15)
+    ])  # fmt: skip
+    del integral  # one full-size integral image at a time
+    lattice, full = lattice[full >= thr], full[full >= thr]
+    if stride_px == tile_px:  # tiles are the grid's cells: no raster of each tile needed
+        ny = len(np.unique(coords[:, 1]))
+        covered = cells_raster(keep.reshape(ny, -1), mask.shape, cell_px=tile_px,
+                               downsample=downsample)  # fmt: skip
+    else:
+        covered = tiles_raster(kept, mask.shape, tile_px=tile_px, downsample=downsample)
+    np.logical_not(covered, out=covered)
+    np.logical_and(covered, mask, out=covered)  # now: tissue that no kept tile covers
+    sel = gap_tiles(covered, lattice, downsample=downsample, tile_px=tile_px, min_new=GAP_MIN_NEW)
+    return (np.concatenate([kept, lattice[sel].astype(np.int32)]),
+            np.concatenate([kept_frac, full[sel]]), len(coords))  # fmt: skip
+
+
+def gap_lattice(
+    shape: tuple[int, int], downsample: float, *, tile_px: int, steps: int = 4,
+    inside: tuple[int, int] | None = None,
+) -> np.ndarray:  # fmt: skip
+    """Candidate gap tiles: level-0 (x, y), shape (M, 2) float64, on a lattice of a
+    ``1/steps`` tile in mask pixels, over the whole mask (tiles may run over its edges,
+    unless ``inside`` = slide size in level-0 px asks for tiles wholly inside)."""
+    h, w = shape
+    t = max(1, round(tile_px / downsample))  # tile side in mask px
+    step = max(1, t // steps)
+    ys, xs = np.arange(-(t - step), h, step), np.arange(-(t - step), w, step)
+    yy, xx = np.meshgrid(ys, xs, indexing="ij")
+    cand = np.floor(np.stack([xx.ravel(), yy.ravel()], axis=1) * downsample)
+    if inside is not None:
+        ok = (cand >= 0).all(axis=1) & (cand[:, 0] + tile_px <= inside[0])
+        cand = cand[ok & (cand[:, 1] + tile_px <= inside[1])]
+    return cand
 
 
 def gap_tiles(
-    mask: np.ndarray, downsample: float, covered: np.ndarray, *, tile_px: int,
-    threshold: float, min_new: float = 0.1, steps: int = 4,
-    inside: tuple[int, int] | None = None, integral: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """Extra tiles, off the grid, over mask tissue that no kept grid tile covers.
-
-    Candidates lie on a lattice of ``tile_px / steps``; greedily, the candidate that adds
-    the most uncovered tissue is added while it adds at least ``min_new`` of a tile's area and
-    holds at least ``threshold`` tissue in all. A strand or fragment that the grid cuts into
-    pieces below the threshold gets a tile of its own instead of being lost.
+    left: np.ndarray, candidates: np.ndarray, *, downsample: float, tile_px: int,
+    min_new: float = 0.1,
+) -> np.ndarray:  # fmt: skip
+    """Gap tiles, greedily: the candidate that adds the most tissue no tile covers yet, while
+    it adds at least ``min_new`` of a tile's area. A strand or fragment that the grid cuts
+    into pieces below the threshold gets a tile of its own instead of being lost.
 
     Parameters
     ----------
-    mask : ndarray, shape (h, w), bool
-        Tissue mask at ``downsample`` level-0 px per mask px.
-    covered : ndarray, shape (h, w), bool
-        Mask pixels inside the kept tiles (:func:`tiles_raster`, :func:`cells_raster`).
-    inside : (int, int), optional
-        Slide size in level-0 px: only tiles wholly inside it (else tiles may run over the
-        slide's edges, read padded with white).
-    integral : ndarray, optional
-        :func:`mask_integral` of ``mask``, when at hand.
+    left : ndarray, shape (h, w), bool
+        Mask tissue no kept tile covers (at ``downsample`` level-0 px per px); updated in place.
+    candidates : ndarray, shape (M, 2)
+        Level-0 (x, y) of the candidates (:func:`gap_lattice`, those with enough tissue).
 
     Returns
     -------
-    coords : ndarray, shape (M, 2), int32
-    fractions : ndarray, shape (M,), float32
+    ndarray, shape (K,), int64: indices of the chosen candidates, in the order chosen.
     """
-    h, w = mask.shape
-    t = max(1, round(tile_px / downsample))  # tile side in mask px
-    step = max(1, t // steps)
-    left = mask & ~covered
-    if not left.any():
-        return np.zeros((0, 2), np.int32), np.zeros(0, np.float32)
-    ys, xs = np.arange(-(t - step), h, step), np.arange(-(t - step), w, step)
-    yy, xx = (a.ravel() for a in np.meshgrid(ys, xs, indexing="ij"))
-    cand = np.floor(np.stack([xx, yy], axis=1) * downsample)
-    if inside is not None:
-        ok = (cand >= 0).all(axis=1) & (cand[:, 0] + tile_px <= inside[0])
-        ok &= cand[:, 1] + tile_px <= inside[1]
-        xx, yy, cand = xx[ok], yy[ok], cand[ok]
-    left_sum, some = mask_integral(left), [np.zeros(0, np.int64)]
-    for i in range(0, len(cand), 2**15):  # in chunks: small temporaries
-        f = box_fractions(left_sum, cand[i : i + 2**15], tile_px=tile_px, downsample=downsample)
-        some.append(i + np.flatnonzero(f >= min_new))
-    some = np.concatenate(some)
-    xx, yy, cand = xx[some], yy[some], cand[some]
-    new = box_fractions(left_sum, cand, tile_px=tile_px, downsample=downsample)
-    del left_sum
-    integral = mask_integral(mask) if integral is None else integral
-    full = box_fractions(integral, cand, tile_px=tile_px, downsample=downsample)
-    new[full < threshold] = 0
+    if len(candidates) == 0 or not left.any():
+        return np.zeros(0, np.int64)
+    t = max(1, round(tile_px / downsample))
+    new = box_fractions(mask_integral(left), candidates, tile_px=tile_px, downsample=downsample)
+    some = np.flatnonzero(new >= min_new)
+    new = new[some]
+    x = np.round(candidates[some, 0] / downsample).astype(np.int64)  # mask px, as box_fractions
+    y = np.round(candidates[some, 1] / downsample).astype(np.int64)
     out = []
-    while len(new) and (i := int(np.argmax(new))) >= 0 and new[i] >= min_new:
-        out.append(i)
-        x0, y0 = int(xx[i]), int(yy[i])
+    while len(new) and new[i := int(np.argmax(new))] >= min_new:
+        out.append(some[i])
+        x0, y0 = int(x[i]), int(y[i])
         left[max(0, y0) : max(0, y0 + t), max(0, x0) : max(0, x0 + t)] = False
-        for j in np.flatnonzero((np.abs(xx - x0) < t) & (np.abs(yy - y0) < t) & (new > 0)):
-            a, b = int(xx[j]), int(yy[j])
+        for j in np.flatnonzero((np.abs(x - x0) < t) & (np.abs(y - y0) < t) & (new > 0)):
+            a, b = int(x[j]), int(y[j])
             new[j] = left[max(0, b) : max(0, b + t), max(0, a) : max(0, a + t)].sum() / t**2
-    sel = np.asarray(out, np.int64)
-    return cand[sel].astype(np.int32), full[sel]
+    return np.asarray(out, np.int64)
 
 
 def tiles_raster(

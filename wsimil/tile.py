@@ -274,7 +274,7 @@ def _write_tile_store(
     with atomic_store(store) as g:
         write_array(g, "coords", result["coords"].astype(np.int32))
         write_array(g, "tissue_fraction", result["tissue_fraction"].astype(np.float32))
-        write_array(g, "tissue_mask", result["mask"].astype(np.uint8), chunk_rows=1024)
+        write_array(g, "tissue_mask", result["mask"].view(np.uint8), chunk_rows=1024)  # no copy
         g.update_attributes(
             {
                 "slide_id": slide_id,
