@@ -153,3 +153,23 @@ def test_tile_outlines_draw_what_pillow_draws():
         draw.rectangle([x0, y0, x0 + side - 1, y0 + side - 1], outline=1)
     got = tile_outlines(coords, shape, tile_px_level0=t, downsample=ds)
     np.testing.assert_array_equal(got, np.asarray(im))
+
+
+def test_grid_fractions_from_block_sums_equal_the_integral_image():
+    from wsimil.grid import block_sums, grid_coords, grid_fractions, tile_fractions
+
+    bounds = [0, 3, 3, 7, 12, 15]  # an empty block, blocks past the end
+    np.testing.assert_array_equal(block_sums(np.arange(10)[:, None], bounds, 0)[:, 0],
+                                  [3, 0, 18, 24, 0])  # fmt: skip
+    np.testing.assert_array_equal(block_sums(np.arange(10)[None, :], bounds, 1)[0],
+                                  [3, 0, 18, 24, 0])  # fmt: skip
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        h, w = rng.integers(1, 120, 2)
+        mask = rng.random((h, w)) > 0.5
+        ds = rng.uniform(1, 20)
+        t = int(rng.integers(int(2 * ds) + 1, 300))
+        for edges in (True, False):
+            c = grid_coords(int(w * ds) + 1, int(h * ds) + 1, tile_px=t, stride_px=t, edges=edges)
+            np.testing.assert_allclose(grid_fractions(mask, c, tile_px=t, downsample=ds),
+                                       tile_fractions(mask, c, tile_px=t, downsample=ds))  # fmt: skip

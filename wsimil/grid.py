@@ -1,4 +1,5 @@
-"""Tile grids on a slide and the tissue fraction of each tile (coordinate geometry only)."""
+"""Tile grids on a slide, the tissue fraction of each tile, and gap tiles over tissue the grid's
+kept tiles miss (coordinate geometry only)."""
 
 from __future__ import annotations
 
@@ -93,6 +94,49 @@ def tile_fractions(
     return box_fractions(mask_integral(mask), coords, tile_px=tile_px, downsample=downsample)
 
 
+def block_sums(a: np.ndarray, bounds: np.ndarray, axis: int) -> np.ndarray:
+    """Sums of a 2-D ``a`` along ``axis`` between consecutive ``bounds`` (increasing; clipped
+    to the axis, so blocks past its end sum to 0), int64, in one pass over ``a``.
+
+    Returns ``a``'s shape with ``len(bounds) - 1`` along ``axis``.
+    """
+    n = a.shape[axis]
+    b = np.clip(np.asarray(bounds, np.int64), 0, n)
+    starts = b[:-1]
+    if axis == 0:  # row blocks: one reduction per block (reduceat down the rows is slow)
+        out = np.zeros((len(starts), a.shape[1]), np.int64)
+        for i in np.flatnonzero(b[1:] > starts):
+            out[i] = np.add.reduce(a[starts[i] : b[i + 1]], axis=0, dtype=np.int64)
+        return out
+    k = int(np.count_nonzero(starts < n))  # blocks from the axis' end on are empty
+    out = np.zeros((a.shape[0], len(starts)), np.int64)
+    if k:
+        idx = np.append(starts[:k], b[k]) if b[k] < n else starts[:k]
+        out[:, :k] = np.add.reduceat(a, idx, axis=1, dtype=np.int64)[:, :k]
+    # Zero-width blocks: reduceat gives the start's value.
+    return np.where((b[1:] <= starts)[None, :], 0, out)
+
+
+def grid_fractions(
+    mask: np.ndarray, coords: np.ndarray, *, tile_px: int, downsample: float
+) -> np.ndarray:
+    """:func:`tile_fractions` of the tiles of a grid with stride = tile (``grid_coords``
+    order) of at least 2 mask px, from block sums: one pass over the mask, no integral
+    image. (N,) float32."""
+    if len(coords) == 0:
+        return np.zeros(0, np.float32)
+    h, w = mask.shape
+    xs, ys = np.unique(coords[:, 0]), np.unique(coords[:, 1])
+    bx = np.clip(np.round(np.append(xs, xs[-1] + tile_px) / downsample).astype(np.int64), 0, w)
+    by = np.clip(np.round(np.append(ys, ys[-1] + tile_px) / downsample).astype(np.int64), 0, h)
+    sums = block_sums(block_sums(mask, by, 0), bx, 1)
+    full = max(1, round(tile_px / downsample)) ** 2
+    wx = np.maximum(np.diff(bx), np.minimum(bx[:-1] + 1, w) - bx[:-1])
+    wy = np.maximum(np.diff(by), np.minimum(by[:-1] + 1, h) - by[:-1])
+    area = np.maximum(wy[:, None] * wx[None, :], full)
+    return (sums / area).astype(np.float32).ravel()
+
+
 def tissue_grid(
     mask: np.ndarray, downsample: float, size: tuple[int, int], *, tile_px: int,
     stride_px: int, threshold: float, edges: bool = True, gaps: bool = True,
@@ -117,87 +161,26 @@ def tissue_grid(
     """
     thr = max(threshold, 1e-6)
     coords = grid_coords(*size, tile_px=tile_px, stride_px=stride_px, edges=edges)
-    integral = mask_integral(mask)
-    frac = box_fractions(integral, coords, tile_px=tile_px, downsample=downsample)
+    cells = stride_px == tile_px and tile_px >= 2 * downsample  # tiles are the grid's cells
+    if cells:
+        frac = grid_fractions(mask, coords, tile_px=tile_px, downsample=downsample)
+    else:
+        frac = tile_fractions(mask, coords, tile_px=tile_px, downsample=downsample)
     keep = frac >= thr
     kept, kept_frac = coords[keep], frac[keep]
     if not (gaps and len(coords)):
         return kept, kept_frac, len(coords)
-    lattice = gap_lattice(mask.shape, downsample, tile_px=tile_px, inside=None if edges else size)
-    full = np.concatenate([np.zeros(0, np.float32)] + [
-        box_fractions(integral, lattice[i : i + 2**15], tile_px=tile_px, downsample=downsample)
-        for i in range(0, len(lattice), 2**15)
-    ])  # fmt: skip
-    del integral  # one full-size integral image at a time
-    lattice, full = lattice[full >= thr], full[full >= thr]
-    if stride_px == tile_px:  # tiles are the grid's cells: no raster of each tile needed
+    if cells:
         ny = len(np.unique(coords[:, 1]))
-        covered = cells_raster(keep.reshape(ny, -1), mask.shape, cell_px=tile_px,
-                               downsample=downsample)  # fmt: skip
+        left = cells_raster(keep.reshape(ny, -1), mask.shape, cell_px=tile_px,
+                            downsample=downsample)  # fmt: skip
     else:
-        covered = tiles_raster(kept, mask.shape, tile_px=tile_px, downsample=downsample)
-    np.logical_not(covered, out=covered)
-    np.logical_and(covered, mask, out=covered)  # now: tissue that no kept tile covers
-    sel = gap_tiles(covered, lattice, downsample=downsample, tile_px=tile_px, min_new=GAP_MIN_NEW)
-    return (np.concatenate([kept, lattice[sel].astype(np.int32)]),
-            np.concatenate([kept_frac, full[sel]]), len(coords))  # fmt: skip
-
-
-def gap_lattice(
-    shape: tuple[int, int], downsample: float, *, tile_px: int, steps: int = 4,
-    inside: tuple[int, int] | None = None,
-) -> np.ndarray:  # fmt: skip
-    """Candidate gap tiles: level-0 (x, y), shape (M, 2) float64, on a lattice of a
-    ``1/steps`` tile in mask pixels, over the whole mask (tiles may run over its edges,
-    unless ``inside`` = slide size in level-0 px asks for tiles wholly inside)."""
-    h, w = shape
-    t = max(1, round(tile_px / downsample))  # tile side in mask px
-    step = max(1, t // steps)
-    ys, xs = np.arange(-(t - step), h, step), np.arange(-(t - step), w, step)
-    yy, xx = np.meshgrid(ys, xs, indexing="ij")
-    cand = np.floor(np.stack([xx.ravel(), yy.ravel()], axis=1) * downsample)
-    if inside is not None:
-        ok = (cand >= 0).all(axis=1) & (cand[:, 0] + tile_px <= inside[0])
-        cand = cand[ok & (cand[:, 1] + tile_px <= inside[1])]
-    return cand
-
-
-def gap_tiles(
-    left: np.ndarray, candidates: np.ndarray, *, downsample: float, tile_px: int,
-    min_new: float = 0.1,
-) -> np.ndarray:  # fmt: skip
-    """Gap tiles, greedily: the candidate that adds the most tissue no tile covers yet, while
-    it adds at least ``min_new`` of a tile's area. A strand or fragment that the grid cuts
-    into pieces below the threshold gets a tile of its own instead of being lost.
-
-    Parameters
-    ----------
-    left : ndarray, shape (h, w), bool
-        Mask tissue no kept tile covers (at ``downsample`` level-0 px per px); updated in place.
-    candidates : ndarray, shape (M, 2)
-        Level-0 (x, y) of the candidates (:func:`gap_lattice`, those with enough tissue).
-
-    Returns
-    -------
-    ndarray, shape (K,), int64: indices of the chosen candidates, in the order chosen.
-    """
-    if len(candidates) == 0 or not left.any():
-        return np.zeros(0, np.int64)
-    t = max(1, round(tile_px / downsample))
-    new = box_fractions(mask_integral(left), candidates, tile_px=tile_px, downsample=downsample)
-    some = np.flatnonzero(new >= min_new)
-    new = new[some]
-    x = np.round(candidates[some, 0] / downsample).astype(np.int64)  # mask px, as box_fractions
-    y = np.round(candidates[some, 1] / downsample).astype(np.int64)
-    out = []
-    while len(new) and new[i := int(np.argmax(new))] >= min_new:
-        out.append(some[i])
-        x0, y0 = int(x[i]), int(y[i])
-        left[max(0, y0) : max(0, y0 + t), max(0, x0) : max(0, x0 + t)] = False
-        for j in np.flatnonzero((np.abs(x - x0) < t) & (np.abs(y - y0) < t) & (new > 0)):
-            a, b = int(x[j]), int(y[j])
-            new[j] = left[max(0, b) : max(0, b + t), max(0, a) : max(0, a + t)].sum() / t**2
-    return np.asarray(out, np.int64)
+        left = tiles_raster(kept, mask.shape, tile_px=tile_px, downsample=downsample)
+    np.logical_not(left, out=left)
+    np.logical_and(left, mask, out=left)  # tissue that no kept tile covers
+    extra, extra_frac = gap_tiles(mask, left, downsample, tile_px=tile_px, threshold=thr,
+                                  inside=None if edges else size)  # fmt: skip
+    return np.concatenate([kept, extra]), np.concatenate([kept_frac, extra_frac]), len(coords)
 
 
 def tiles_raster(
@@ -231,3 +214,86 @@ def cells_raster(
     padded = np.zeros((ny + 1, nx + 1), bool)  # pixels past the last cell: not covered
     padded[:ny, :nx] = cells
     return padded[np.minimum(iy, ny)[:, None], np.minimum(ix, nx)[None, :]]
+
+
+def gap_tiles(
+    mask: np.ndarray, left: np.ndarray, downsample: float, *, tile_px: int, threshold: float,
+    min_new: float = GAP_MIN_NEW, steps: int = 4, inside: tuple[int, int] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Extra tiles, off the grid, over mask tissue that no kept tile covers.
+
+    Candidates lie on a lattice of a ``1/steps`` tile; greedily, the candidate that adds the
+    most uncovered tissue is added while it adds at least ``min_new`` of a tile's area and
+    holds at least ``threshold`` tissue in all. A strand or fragment that the grid cuts into
+    pieces below the threshold gets a tile of its own instead of being lost. Candidates are
+    scored from block sums at the lattice's step (one pass over the mask, no integral image);
+    the chosen tiles' sums are exact.
+
+    Parameters
+    ----------
+    mask : ndarray, shape (h, w), bool
+        Tissue mask at ``downsample`` level-0 px per mask px.
+    left : ndarray, shape (h, w), bool
+        The mask's tissue that no kept tile covers; updated in place.
+    inside : (int, int), optional
+        Slide size in level-0 px: only tiles wholly inside it (else tiles may run over the
+        slide's edges, read padded with white).
+
+    Returns
+    -------
+    coords : ndarray, shape (M, 2), int32
+        Level-0 (x, y) of the gap tiles, in the order chosen.
+    fractions : ndarray, shape (M,), float32
+    """
+    none = np.zeros((0, 2), np.int32), np.zeros(0, np.float32)
+    if not left.any():
+        return none
+    t = max(1, round(tile_px / downsample))  # tile side in mask px
+    step = max(1, t // steps)
+    n = max(1, t // step)  # blocks per window side
+    new = _window_sums(left, step, n)
+    iy, ix = np.nonzero(new >= min_new * t * t)
+    full = _window_sums(mask, step, n)[iy, ix]
+    ok = full >= threshold * t * t
+    # Window (i, j) ends at block (i, j): it starts (n - 1) blocks before, in mask px.
+    py, px = (iy[ok] - (n - 1)) * step, (ix[ok] - (n - 1)) * step
+    score = new[iy[ok], ix[ok]].astype(np.float64)
+    if inside is not None:
+        x0, y0 = np.floor(px * downsample), np.floor(py * downsample)
+        fits = (x0 >= 0) & (y0 >= 0) & (x0 + tile_px <= inside[0]) & (y0 + tile_px <= inside[1])
+        py, px, score = py[fits], px[fits], score[fits]
+    chosen, fractions = [], []
+    while len(score) and score[i := int(np.argmax(score))] >= min_new * t * t:
+        ya, xa = max(0, int(py[i])), max(0, int(px[i]))
+        yb, xb = max(0, int(py[i]) + t), max(0, int(px[i]) + t)
+        tissue = int(np.count_nonzero(mask[ya:yb, xa:xb]))
+        score[i] = 0
+        if tissue < threshold * t * t:  # the block-sum score overstated it
+            continue
+        chosen.append(i)
+        fractions.append(tissue / (t * t))
+        left[ya:yb, xa:xb] = False
+        near = np.flatnonzero((np.abs(px - px[i]) < t) & (np.abs(py - py[i]) < t) & (score > 0))
+        for j in near:
+            a, b = max(0, int(px[j])), max(0, int(py[j]))
+            score[j] = np.count_nonzero(
+                left[b : max(0, int(py[j]) + t), a : max(0, int(px[j]) + t)]
+            )
+    if not chosen:
+        return none
+    sel = np.asarray(chosen, np.int64)
+    xy = np.floor(np.stack([px[sel], py[sel]], axis=1) * downsample).astype(np.int32)
+    return xy, np.asarray(fractions, np.float32)
+
+
+def _window_sums(a: np.ndarray, step: int, n: int) -> np.ndarray:
+    """Sums of ``a`` over windows of ``n`` x ``n`` blocks of ``step`` px, for every window
+    that overlaps ``a`` (windows run over its edges): shape (nby + n - 1, nbx + n - 1)."""
+    h, w = a.shape
+    blocks = block_sums(block_sums(a, np.arange(0, h + step, step), 0),
+                        np.arange(0, w + step, step), 1)  # fmt: skip
+    nby, nbx = blocks.shape
+    integral = np.zeros((nby + 2 * n - 1, nbx + 2 * n - 1), np.int64)
+    integral[n : n + nby, n : n + nbx] = blocks
+    integral = integral.cumsum(axis=0).cumsum(axis=1)
+    return integral[n:, n:] - integral[:-n, n:] - integral[n:, :-n] + integral[:-n, :-n]
