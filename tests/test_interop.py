@@ -108,6 +108,8 @@ def test_trident_import_then_export_round_trips_exactly(cohort, tmp_path):
                 20,
             )
             assert (a["level0_width"], a["name"], h["features"].attrs["name"]) == (SIZE, sid, sid)
+    r = _invoke(["export-features", run, "--encoder", "trident-tiny", "--slides", sid])
+    assert (run / "exports" / "trident" / "features_trident-tiny" / f"{sid}.h5").is_file()
     # the exported files come back as the same stores
     r = _invoke(["import-features", out / "features_trident-tiny", run, "--format", "trident",
                  "--encoder", "again"])  # fmt: skip

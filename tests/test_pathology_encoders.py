@@ -206,6 +206,28 @@ def test_conch_v15_vision_tower_at_448(hf_home):
     torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
 
 
+def test_a_local_weights_file_loads_into_a_named_entry(tmp_path):
+    """What create_encoder(name, checkpoint=FILE) does, at depth 1: the entry's adapter maps the
+    file's layout (here Virchow2's own timm keys, safetensors) and the load is strict."""
+    from safetensors.torch import save_file
+
+    from wsimil.encoders.weights import _load_checkpoint
+
+    arch, kwargs, _ = TIMM_CARDS["virchow2"]
+    src = timm.create_model(arch, num_classes=0, depth=1, weight_init="skip", **kwargs).eval()
+    src.load_state_dict(_randomised(src))
+    path = tmp_path / "virchow2.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    enc = P.build("virchow2", pretrained=False, depth=1, weight_init="skip")
+    _load_checkpoint(enc, path)
+    assert enc.config.weights_id.startswith(f"file:{path.resolve()}#sha256=")
+    tiles = _tiles(224, 1)
+    with torch.inference_mode():
+        out = src(_card_input(tiles, IMAGENET))
+        want = torch.cat([out[:, 0], out[:, 5:].mean(1)], dim=-1)
+        torch.testing.assert_close(enc(normalise(tiles, enc.config)), want, atol=2e-4, rtol=2e-4)
+
+
 def test_missing_weights_is_one_line_naming_the_repo_and_the_command(hf_home):
     for name in ("uni", "virchow2", "conch-v1.5"):
         with pytest.raises(MissingWeightsError) as err:

@@ -95,13 +95,14 @@ def import_features(src, run_dir, manifest, fmt, encoder, target_mpp, tile_px, t
     default=None,
     help="Folder to write features_<encoder>/ into [RUN_DIR/exports/trident].",
 )
-def export_features(run_dir, manifest, fmt, encoder, out_dir):
+@SLIDES
+def export_features(run_dir, manifest, fmt, encoder, out_dir, slides):
     """Write RUN_DIR's feature stores as TRIDENT .h5 files (features, coords and their attrs)."""
     from .interop_export import export_trident
 
     _, df = _load(run_dir, manifest, None, overrides={})
     try:
-        result = export_trident(df, run_dir, encoder, out_dir)
+        result = export_trident(_select(df, None, slides), run_dir, encoder, out_dir)
     except ValueError as exc:
         raise click.ClickException(str(exc).splitlines()[0]) from exc
     for r in result.itertuples():

@@ -41,7 +41,7 @@ def export_trident(manifest: pd.DataFrame, run_dir: str | Path, encoder: str,
     A slide without a feature store is reported (``missing``), not fatal.
     """
     layout = RunLayout(run_dir)
-    out = Path(out_dir) if out_dir else layout.root / "exports" / "trident"
+    out = Path(out_dir) if out_dir else layout.exports("trident")
     folder = out / f"features_{check_name(encoder, what='encoder')}"
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
