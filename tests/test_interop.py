@@ -158,6 +158,21 @@ def test_bad_files_fail_their_slide_with_one_line_and_the_rest_go_on(cohort, tmp
         assert st[sid]["status"] == "ok"
 
 
+def test_a_trident_file_without_tiles_gives_an_empty_store(cohort, tmp_path):
+    run, df, bags = cohort
+    sids = list(bags)[:2]
+    src = tmp_path / "features_tiny"
+    write_trident(src, sids[0], np.empty((0,), np.float32), np.empty((0, 2), np.int64))
+    write_trident(src, sids[1], *bags[sids[1]])
+    r = _invoke(["import-features", src, run, "--format", "trident", "--encoder", "some",
+                 "--slides", ",".join(sids)])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    st = _status(run / "features" / "some" / "status.jsonl")
+    assert (st[sids[0]]["status"], st[sids[1]]["status"]) == ("empty", "ok")
+    g = open_store(run / "features" / "some" / f"{sids[0]}.zarr")
+    assert g["features"].shape == (0, 8) and g["coords"].shape == (0, 2)
+
+
 def test_clam_needs_geometry_flags_and_cross_checks_pt_files(cohort, tmp_path):
     run, df, bags = cohort
     sids = list(bags)[:2]

@@ -96,7 +96,8 @@ def read_h5(path: Path, slide_id: str, fmt: str) -> dict:
             feats, coords = f["features"], f["coords"]
             fattrs = {k: _attr(v) for k, v in feats.attrs.items()}
             cattrs = {k: _attr(v) for k, v in coords.attrs.items()}
-            if feats.ndim != 2 or feats.dtype.kind != "f":
+            empty = feats.shape == (0,)  # TRIDENT's file of a slide without tiles
+            if (feats.ndim != 2 and not empty) or feats.dtype.kind != "f":
                 raise ValueError(
                     f"{path}: 'features' is {feats.dtype} {feats.shape}, expected (N, D) floats; {fix}"
                 )
@@ -109,6 +110,7 @@ def read_h5(path: Path, slide_id: str, fmt: str) -> dict:
                     f"{path}: {feats.shape[0]} features but {coords.shape[0]} coords; {fix}"
                 )
             x, xy = np.asarray(feats[...]), np.asarray(coords[...], dtype=np.int64)
+            x = x.reshape(0, 0) if empty else x
     except (OSError, KeyError) as exc:
         raise ValueError(f"{path}: not a readable HDF5 file ({exc}); {fix}") from exc
     for where, attrs in (("features", fattrs), ("coords", cattrs)):
@@ -178,8 +180,25 @@ def _check_slide(data: dict, info, path: Path, tile_px_level0: int) -> None:
         raise ValueError(f"{path}: coordinates beyond int32")
 
 
-def encoder_attrs(name: str, fmt: str, dim: int, input_px: int) -> dict:
-    """What the store says about the encoder: a named encoder's config, or just name and width."""
+def feature_width(folder: Path, slide_ids) -> int:
+    """Width of the first file (in manifest order) with features: what an encoder wsimil does not
+    know gives; read from the datasets' shapes only (0 when no file has any)."""
+    import h5py
+
+    for sid in slide_ids:
+        try:
+            with h5py.File(folder / f"{check_slide_id(str(sid))}.h5", "r") as f:
+                shape = f["features"].shape
+        except (OSError, KeyError, ValueError):
+            continue
+        if len(shape) == 2 and shape[0]:
+            return int(shape[1])
+    return 0
+
+
+def encoder_attrs(name: str, fmt: str, dim: int) -> dict:
+    """What the store says about the encoder: a named encoder's config (its input size,
+    normalisation, width), or the name and the files' width."""
     from .encoders import pathology
     from .encoders.recipes import recipes
 
@@ -192,7 +211,7 @@ def encoder_attrs(name: str, fmt: str, dim: int, input_px: int) -> dict:
 
         cfg = create_encoder(name, pretrained=False).config.to_attrs()
         return {**cfg, "weights_id": weights_id}
-    return {"name": name, "weights_id": weights_id, "input_px": input_px, "mean": None,
+    return {"name": name, "weights_id": weights_id, "input_px": None, "mean": None,
             "std": None, "interpolation": None, "feature_dim": dim, "preferred_dtype": None}  # fmt: skip
 
 
@@ -203,7 +222,8 @@ class ImportStage(SlideStage):
     columns = {"n_tiles": 0}
     changed = "another import (format, source or geometry)"
 
-    def __init__(self, layout: RunLayout, folder: Path, fmt: str, encoder: str, flags: Geometry):
+    def __init__(self, layout: RunLayout, folder: Path, fmt: str, encoder: str, flags: Geometry,
+                 enc_attrs: dict):  # fmt: skip
         super().__init__(layout.features(encoder))
         self.layout, self.src, self.fmt, self.encoder, self.flags = (
             layout,
@@ -214,7 +234,7 @@ class ImportStage(SlideStage):
         )
         self.settings = {"stage": "import", "format": fmt, "source": str(folder.resolve()),
                          "encoder": encoder, "flags": vars(flags)}  # fmt: skip
-        self._enc_attrs: dict | None = None
+        self._enc_attrs = enc_attrs
 
     def outputs(self, row):
         return [self.layout.feature_store(self.encoder, row["slide_id"])]
@@ -247,8 +267,6 @@ class ImportStage(SlideStage):
         geom = _geometry(data, self.fmt, self.flags, info.mpp, path)
         _check_slide(data, info, path, geom["tile_px_level0"])
         dim = data["features"].shape[1]
-        if self._enc_attrs is None:
-            self._enc_attrs = encoder_attrs(self.encoder, self.fmt, dim, geom["tile_px"])
         if dim != self._enc_attrs["feature_dim"] and len(data["features"]):
             raise ValueError(
                 f"{path}: {dim} features per tile, encoder {self.encoder!r} gives "
@@ -261,12 +279,14 @@ class ImportStage(SlideStage):
 
     def run_one(self, job) -> SlideOutcome:
         sid, data = job["row"]["slide_id"], job["data"]
-        n = len(data["coords"])
+        n, feats = len(data["coords"]), data["features"]
+        if n == 0:  # as embed writes a slide without tiles: (0, D)
+            feats = np.zeros((0, int(self._enc_attrs["feature_dim"] or 1)), np.float16)
         with atomic_store(self.outputs(job["row"])[0]) as g:
-            write_array(g, "features", data["features"])
+            write_array(g, "features", feats)
             write_array(g, "coords", data["coords"].astype(np.int32))
             g.attrs.update({
-                "slide_id": sid, "n_tiles": n, "feature_dim": int(data["features"].shape[1]),
+                "slide_id": sid, "n_tiles": n, "feature_dim": int(feats.shape[1]),
                 "encoder": self._enc_attrs, "tiles": job["tiles"],
                 "config_hash": config_hash(self.settings), "device": "imported",
                 "imported": {"format": self.fmt, "file": job["tiles"]["source"],
@@ -314,6 +334,8 @@ def run_import(manifest: pd.DataFrame, run_dir: str | Path, src: str | Path, fmt
     if encoder is None:
         encoder = (TRIDENT_NAMES.get(trident_name, f"trident-{trident_name}") if trident_name
                    else "resnet50_trunc")  # fmt: skip
-    stage = ImportStage(RunLayout(run_dir), folder, fmt, encoder, flags)
+    width = feature_width(folder, manifest["slide_id"])
+    stage = ImportStage(RunLayout(run_dir), folder, fmt, encoder, flags,
+                        encoder_attrs(encoder, fmt, width))  # fmt: skip
     label = f"import-features ({fmt} -> {encoder})"
     return run_slides(stage, manifest, overwrite=overwrite, console=console, label=label)
