@@ -42,12 +42,12 @@ def _bag(sid: str, label: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndar
     return feats.astype(np.float16).astype(np.float32), coords
 
 
-def write_trident(folder, sid, feats, coords, *, encoder="tiny", name=None, width=SIZE):
+def write_trident(folder, sid, feats, coords, *, encoder="tiny", name=None, width=SIZE, **over):
     folder.mkdir(parents=True, exist_ok=True)
     name = sid if name is None else name
     cattrs = {"patch_size": TILE, "patch_size_level0": TILE, "level0_magnification": 20,
               "target_magnification": 20, "overlap": 0, "name": name, "savetodir": str(folder.parent),
-              "level0_width": width, "level0_height": SIZE}  # fmt: skip
+              "level0_width": width, "level0_height": SIZE, **over}  # fmt: skip
     fattrs = {"name": name, "savetodir": str(folder), "encoder": encoder}
     _save_h5(folder / f"{sid}.h5", {"features": feats, "coords": coords.astype(np.int64)},
              {"features": fattrs, "coords": cattrs}, chunk=1)  # fmt: skip
@@ -143,19 +143,20 @@ def test_bad_files_fail_their_slide_with_one_line_and_the_rest_go_on(cohort, tmp
     write_trident(src, sids[3], f, c, width=4096)  # made on a bigger slide
     write_trident(src, sids[4], f.astype(np.int32), c)  # integer features
     (src / f"{sids[5]}.h5").write_text("not hdf5")
+    write_trident(src, sids[6], f, c, target_magnification=None)  # save_h5 writes 'None'
     r = _invoke(["import-features", src, run, "--format", "trident", "--encoder", "bad"])
     assert r.exit_code == 1
     st = _status(run / "features" / "bad" / "status.jsonl")
     expect = {sids[0]: "no 'coords' dataset", sids[1]: "24 features but 10 coords",
               sids[2]: f"name={sids[3]!r}, a file of another slide", sids[3]: "4096 x 1024 px slide",
-              sids[4]: "expected (N, D) floats", sids[5]: "not a readable HDF5 file"}  # fmt: skip
+              sids[4]: "expected (N, D) floats", sids[5]: "not a readable HDF5 file",
+              sids[6]: "coords attrs are not usable numbers"}  # fmt: skip
     for sid, text in expect.items():
         msg = st[sid]["message"]
         assert st[sid]["status"] == "error" and text in msg and "\n" not in msg, msg
         assert str(src / f"{sid}.h5") in msg
         assert not (run / "features" / "bad" / f"{sid}.zarr").exists()
-    for sid in sids[6:]:
-        assert st[sid]["status"] == "ok"
+    assert st[sids[7]]["status"] == "ok"
 
 
 def test_a_trident_file_without_tiles_gives_an_empty_store(cohort, tmp_path):

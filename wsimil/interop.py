@@ -127,8 +127,25 @@ def read_h5(path: Path, slide_id: str, fmt: str) -> dict:
 
 
 def _geometry(data: dict, fmt: str, flags: Geometry, slide_mpp: float | None, path: Path) -> dict:
-    """tile_px, tile_px_level0, stride_px_level0, target_mpp for one file."""
-    a = data["coords_attrs"]
+    """tile_px, tile_px_level0, stride_px_level0, target_mpp for one file; ValueError (one line
+    naming the file) for attrs that are missing, not numbers or not positive."""
+    try:
+        geom = _geometry_of(data["coords_attrs"], fmt, flags, slide_mpp, path)
+    except (TypeError, ValueError, ZeroDivisionError) as exc:
+        if str(exc).startswith(str(path)):
+            raise
+        raise ValueError(
+            f"{path}: coords attrs are not usable numbers ({exc}); pass --tile-px, "
+            "--tile-px-level0 and --target-mpp"
+        ) from exc
+    if min(geom["tile_px"], geom["tile_px_level0"], geom["stride_px_level0"]) <= 0 or not (
+        geom["target_mpp"] > 0
+    ):
+        raise ValueError(f"{path}: tile geometry {geom} is not positive; check the flags or attrs")
+    return geom
+
+
+def _geometry_of(a: dict, fmt: str, flags: Geometry, slide_mpp, path: Path) -> dict:
     if fmt == "trident" and flags.tile_px is None:
         need = [
             k for k in ("patch_size", "patch_size_level0", "target_magnification") if k not in a
