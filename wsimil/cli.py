@@ -28,6 +28,7 @@ from .cli_common import (
     _load,
     _select,
 )
+from .cli_features import encoders, export_features, import_features
 from .cli_options import section_options
 from .config import EmbedConfig, HeatmapConfig, TileConfig, TrainConfig
 
@@ -358,6 +359,8 @@ def demo(out_dir, n_slides, size_px, encoder, seed):
 
 
 main.add_command(check)
+for _cmd in (encoders, import_features, export_features):
+    main.add_command(_cmd)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -9,6 +9,7 @@ assembles them by hand. Standard library only, so the workflow can import it che
     RUN/models/<name>/                                           (wsimil train)
     RUN/heatmaps/<model>/slides/<slide_id>/                      (wsimil heatmap, per slide)
     RUN/heatmaps/<model>/predictions.csv, summary.json, index.html  (wsimil report)
+    RUN/exports/<format>/features_<encoder>/<slide_id>.h5        (wsimil export-features)
     <stage folder>/config.yaml, status.jsonl, .locks/<slide_id>.lock
 
 A per-slide output is written under :func:`partial_path` (``.<name>.partial``) while its
@@ -177,6 +178,11 @@ class RunLayout:
     def predicted_slide(self, model: str, slide_id: str) -> Path:
         """One slide's folder: ``tiles.csv`` (per-tile maps) and ``slide.json`` (its record)."""
         return self.predicted(model).path / "slides" / check_slide_id(slide_id)
+
+    # -- export-features --------------------------------------------------------------------
+    def exports(self, fmt: str) -> Path:
+        """Default folder of ``wsimil export-features --format <fmt>``."""
+        return self.root / "exports" / check_name(fmt, what="format")
 
     # -- demo and workflow ------------------------------------------------------------------
     @property
