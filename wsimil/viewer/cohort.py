@@ -83,7 +83,7 @@ class Cohort:
 
             slide = open_slide(entry.path, mpp=entry.mpp)
             if isinstance(slide, OpenSlideReader):
-                tiles = OpenSlideTiles(slide._osr)
+                tiles = OpenSlideTiles(slide)
             else:  # tifffile or Pillow: the same Deep Zoom layout from wsimil's reader
                 tiles = ReaderTiles(slide)
             self._open[sid] = (slide, tiles)

@@ -74,53 +74,77 @@ def _encode(img: np.ndarray, fmt: str, quality: int = 80) -> bytes:
     return buf.getvalue()
 
 
-class OpenSlideTiles:
-    """Slide tiles from OpenSlide's ``DeepZoomGenerator`` (254 px tiles, 1 px overlap)."""
+class _SlideTiles:
+    """What both slide tile sources share: the Deep Zoom levels at or below the resolution of
+    the slide's coarsest pyramid level are cut from that level, read once and kept (at most
+    ``small_px`` on its long side). Those levels would otherwise each read the whole coarsest
+    level again: about ten requests of 100 ms on the first view of a large slide."""
 
     media_type = "image/jpeg"
 
-    def __init__(self, osr, *, quality: int = 80):
-        from openslide.deepzoom import DeepZoomGenerator
-
-        self.gen = DeepZoomGenerator(osr, tile_size=254, overlap=1, limit_bounds=False)
-        self.quality = quality
-
-    def dzi(self) -> str:
-        return self.gen.get_dzi("jpeg")
-
-    def tile(self, level: int, col: int, row: int) -> bytes:
-        if not 0 <= level < self.gen.level_count:
-            raise TileNotFound(f"level {level}")
-        cols, rows = self.gen.level_tiles[level]
-        if not (0 <= col < cols and 0 <= row < rows):
-            raise TileNotFound(f"tile {col}_{row} of level {level}")
-        buf = io.BytesIO()
-        self.gen.get_tile(level, (col, row)).convert("RGB").save(buf, "JPEG", quality=self.quality)
-        return buf.getvalue()
-
-
-class ReaderTiles:
-    """Slide tiles from any wsimil reader (one read at a time: not every reader is thread-safe)."""
-
-    media_type = "image/jpeg"
-
-    def __init__(self, slide, *, quality: int = 80):
+    def __init__(self, slide, *, quality: int = 80, small_px: int = 4096):
         w, h = slide.dimensions
-        self.slide, self.grid, self.quality = (
-            slide,
-            DeepZoomGrid(w, h, tile=254, overlap=1),
-            quality,
-        )
+        self.slide, self.quality = slide, quality
+        self.grid = DeepZoomGrid(w, h, tile=254, overlap=1)  # OpenSlide's DeepZoomGenerator's
+        self._small_level = slide.level_count - 1
+        sw, sh = slide.level_dimensions[self._small_level]
+        self._small_ds = float(slide.level_downsamples[self._small_level])
+        self._small_ok = max(sw, sh) <= small_px
+        self._small = None
         self._lock = threading.Lock()
 
     def dzi(self) -> str:
         return self.grid.dzi("jpeg")
 
     def tile(self, level: int, col: int, row: int) -> bytes:
+        x0, y0, x1, y1 = self.grid.tile_box(level, col, row)
+        d = 2 ** (self.grid.max_level - level)  # level-0 px per px of this Deep Zoom level
+        if self._small_ok and d >= self._small_ds:
+            return _encode(self._from_small(d, (x0, y0, x1, y1)), "jpeg", self.quality)
+        return self._tile(level, col, row, d, (x0, y0, x1, y1))
+
+    def _from_small(self, d: float, box) -> np.ndarray:
         from PIL import Image
 
-        x0, y0, x1, y1 = self.grid.tile_box(level, col, row)
-        d = 2 ** (self.grid.max_level - level)  # level-0 px per px of this level
+        with self._lock:
+            if self._small is None:
+                size = self.slide.level_dimensions[self._small_level]
+                self._small = Image.fromarray(
+                    self.slide.read_region((0, 0), self._small_level, size)
+                )
+        x0, y0, x1, y1 = box
+        f = d / self._small_ds  # px of the kept level per Deep Zoom px
+        sw, sh = self._small.size
+        src = (x0 * f, y0 * f, min(sw, x1 * f), min(sh, y1 * f))
+        return np.asarray(self._small.resize((x1 - x0, y1 - y0), Image.Resampling.BOX, box=src))
+
+    def _tile(self, level, col, row, d, box) -> bytes:
+        raise NotImplementedError
+
+
+class OpenSlideTiles(_SlideTiles):
+    """Slide tiles from OpenSlide's ``DeepZoomGenerator`` (254 px tiles, 1 px overlap)."""
+
+    def __init__(self, slide, **kwargs):
+        from openslide.deepzoom import DeepZoomGenerator
+
+        super().__init__(slide, **kwargs)
+        self.gen = DeepZoomGenerator(slide._osr, tile_size=254, overlap=1, limit_bounds=False)
+        assert self.gen.level_count == self.grid.max_level + 1
+
+    def _tile(self, level, col, row, d, box) -> bytes:
+        buf = io.BytesIO()
+        self.gen.get_tile(level, (col, row)).convert("RGB").save(buf, "JPEG", quality=self.quality)
+        return buf.getvalue()
+
+
+class ReaderTiles(_SlideTiles):
+    """Slide tiles from any wsimil reader (one read at a time: not every reader is thread-safe)."""
+
+    def _tile(self, level, col, row, d, box) -> bytes:
+        from PIL import Image
+
+        x0, y0, x1, y1 = box
         sl = self.slide.best_level_at_or_finer(d)
         sd = float(self.slide.level_downsamples[sl])
         size = (max(1, round((x1 - x0) * d / sd)), max(1, round((y1 - y0) * d / sd)))

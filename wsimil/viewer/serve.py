@@ -60,6 +60,9 @@ def open_review(run_dir: str | Path, *, manifest: str | Path | None = None,
     except (ManifestError, ValueError) as exc:
         raise ReviewError(str(exc).splitlines()[0]) from exc
     name = pick_model(layout, model)
+    import openslide  # noqa: F401  (imported now, not on the first slide a reviewer opens)
+    import zarr  # noqa: F401
+
     settings = heatmap_settings(layout, name)
     cohort = Cohort(layout, df, name, cmap=settings["cmap"], alpha=settings["alpha"])
     title = f"wsimil review: {layout.root.name} ({name})"

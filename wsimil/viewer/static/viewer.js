@@ -3,10 +3,19 @@
   "use strict";
   var info = JSON.parse(document.getElementById("slide-info").textContent);
   var sid = encodeURIComponent(info.slide_id);
+  var $ = function (id) { return document.getElementById(id); };
+  var hasOverlay = Object.keys(info.maps).length > 0;
+  var sources = ["/dzi/" + sid + ".dzi"];
+  if (hasOverlay) { // opened with the slide, in parallel
+    sources.push({ tileSource: overlayUrl(), x: 0, y: 0, width: 1, opacity: opacity() });
+  }
   var viewer = OpenSeadragon({
     id: "osd",
     prefixUrl: "/static/openseadragon/images/",
-    tileSources: "/dzi/" + sid + ".dzi",
+    tileSources: sources,
+    sequenceMode: false,
+    immediateRender: true, // the view's own level first: fewer tiles on the first view
+    maxTilesPerFrame: 8, // ask for the view's tiles at once (default: one per frame)
     drawer: "canvas",
     showNavigator: true,
     navigatorPosition: "BOTTOM_RIGHT",
@@ -17,7 +26,6 @@
   });
   window.wsimilViewer = viewer; // for tests and the console
   var overlayImage = null;
-  var $ = function (id) { return document.getElementById(id); };
 
   function opacity() { return $("opacity") ? $("opacity").value / 100 : 0; }
 
@@ -27,7 +35,7 @@
   }
 
   function loadOverlay() {
-    if (!Object.keys(info.maps).length) { return; }
+    if (!hasOverlay) { return; }
     var old = overlayImage;
     viewer.addTiledImage({
       tileSource: overlayUrl(),
@@ -86,7 +94,10 @@
 
   viewer.addHandler("open", function () {
     addTopOutlines();
-    loadOverlay();
+    if (hasOverlay) {
+      overlayImage = viewer.world.getItemAt(1);
+      document.body.dataset.overlay = $("map").value + "/" + $("scale").value;
+    }
     updateScaleBar();
     document.body.dataset.ready = "1";
   });
