@@ -212,3 +212,55 @@ def test_viewer_in_chromium_zooms_toggles_and_goes_to_top_tiles(server):
             assert page.evaluate(f"fetch('{path}').then(r => r.status)") == 404, path
         browser.close()
     assert all(s == 200 for _, s in tiles)
+
+
+def test_slides_openslide_refuses_get_the_same_deep_zoom_tiles_through_wsimil_readers(run):
+    """ReaderTiles (tifffile, Pillow) and OpenSlide's DeepZoomGenerator give the same tiles, at
+    full resolution, at middle levels and at the levels cut from the kept coarsest level."""
+    import io
+
+    from PIL import Image
+
+    from wsimil.slide import OpenSlideReader, TiffReader
+    from wsimil.viewer.deepzoom import OpenSlideTiles, ReaderTiles, TileNotFound
+
+    path = run[1].path[0]
+    with OpenSlideReader(path) as a, TiffReader(path) as b:
+        ours, theirs = ReaderTiles(b), OpenSlideTiles(a)
+        assert _dzi(ours.dzi()) == _dzi(theirs.dzi())
+        for level, col, row in [(12, 3, 2), (11, 1, 1), (10, 0, 0), (8, 0, 0), (3, 0, 0)]:
+            x = np.asarray(Image.open(io.BytesIO(ours.tile(level, col, row))), np.float32)
+            y = np.asarray(Image.open(io.BytesIO(theirs.tile(level, col, row))), np.float32)
+            assert x.shape == y.shape and np.abs(x - y).mean() < 8, (level, x.shape)
+        with pytest.raises(TileNotFound):
+            ours.tile(12, 20, 0)
+    png = run[0] / "plain.png"  # a plain image: read by Pillow, never by OpenSlide
+    Image.fromarray(np.tile(np.arange(256, dtype=np.uint8)[None, :, None], (300, 2, 3))).save(png)
+    from wsimil.slide import open_slide
+
+    with open_slide(png) as s:
+        tiles = ReaderTiles(s)
+        assert _dzi(tiles.dzi())["Size"] == {"Width": "512", "Height": "300"}
+        x = np.asarray(Image.open(io.BytesIO(tiles.tile(9, 1, 0))), np.float32)
+        assert x.shape == (255, 256, 3)  # columns 253-508 (1 px overlap), rows 0-254
+        assert np.abs(x[:, :, 0].mean(0) - np.arange(253, 509) % 256).mean() < 8
+
+
+def _dzi(text):
+    import xml.etree.ElementTree as ET
+
+    root = ET.fromstring(text)
+    return {**root.attrib, "Size": root[0].attrib}
+
+
+def test_review_refuses_a_run_without_heatmaps_or_with_an_unknown_model_in_one_line(run, tmp_path):
+    from click.testing import CliRunner
+
+    from wsimil.cli import main
+
+    (tmp_path / "manifest.csv").write_text((run[0] / "manifest.csv").read_text())
+    r = CliRunner().invoke(main, ["review", str(tmp_path)])
+    assert r.exit_code == 1 and "no heatmaps yet" in r.output and "wsimil heatmap" in r.output
+    r = CliRunner().invoke(main, ["review", str(run[0]), "--model", "other"])
+    assert r.exit_code == 1 and "no heatmaps of model 'other'" in r.output
+    assert "gated_attention" in r.output  # what there is
