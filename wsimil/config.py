@@ -164,8 +164,8 @@ class TrainConfig(_Section):
 
 class HeatmapConfig(_Section):
     cmap: str = Field(
-        "YlOrRd",
-        description="Matplotlib colormap of the overlay (YlOrRd: no blue/purple to mistake for haematoxylin)",
+        "autumn_r",
+        description="Matplotlib colormap of the overlay (autumn_r: yellow to red, no blue/purple to mistake for haematoxylin)",
     )
     alpha: float = Field(
         0.7, ge=0, le=1, description="overlay opacity at the top of the scale (alpha * v**0.6)"

@@ -318,6 +318,7 @@ def export_slide(
         outline = mask_outline(tissue[0], thumb.shape[:2])
     um_per_px = slide.mpp * ds if slide.mpp else None
     draw = dict(cmap=cfg.cmap, alpha=cfg.alpha, outline=outline, um_per_px=um_per_px,
+                scale=cfg.scale,
                 boxes=_top_boxes(table, cfg.top_k, tile_px_level0, ds))  # fmt: skip
     img = render_overlay(thumb, heat, covered, title=title,
                          legend=f"attention, {LEGEND[cfg.scale]}", **draw)  # fmt: skip

@@ -3,12 +3,20 @@ overlay PNGs (:mod:`wsimil.export`) and the zoomable viewer (:mod:`wsimil.viewer
 
 Colour and transparency
 -----------------------
-Each value ``v`` in [0, 1] gets the colour ``cmap(v)`` and the opacity ``alpha * v ** 0.6``:
-the lowest tiles are fully see-through, so plain tissue keeps its H&E look, and opacity rises
-quickly enough that the top of the scale is nearly solid. The default colour map, ``YlOrRd``
-(:data:`DEFAULT_CMAP`), runs from pale yellow through orange to dark red: it has no blue or
-purple that could be taken for haematoxylin-dense tissue, its high end is the darkest and most
-saturated colour, and red for "high" is what a reviewer expects.
+Each value ``v`` in [0, 1] gets the colour ``cmap(v)`` and the opacity ``alpha * v ** g``: the
+lowest tiles are fully see-through, so plain tissue keeps its H&E look, and the top of the
+scale is nearly solid. ``g`` depends on the scaling (:data:`OPACITY_GAMMA`): rank values are
+spread evenly over [0, 1], so ``g = 3`` keeps the lower half of the tiles faint (opacity
+below ``alpha / 8``) and the top decile strong (above ``0.7 alpha``); min-max values crowd near
+0, so ``g = 0.6`` lifts them (a tile at 0.1 gets ``0.25 alpha``).
+
+The default colour map (``heatmap.cmap``), ``autumn_r``, runs from yellow through orange to
+pure red (255, 0, 0). Compared on the synthetic H&E-like slides with YlOrRd, turbo, viridis,
+plasma and hot: it has no blue or purple that could be taken for haematoxylin-dense tissue
+(turbo's and viridis' low ends), its high end is a saturated red that stays distinct from
+eosin pink where YlOrRd's and turbo's dark reds read as dark staining, red means "high" as
+reviewers expect, and its lightness falls monotonically from yellow to red, so the order
+still reads without colour vision (red-green colour blindness).
 
 Scaling
 -------
@@ -28,9 +36,8 @@ import math
 
 import numpy as np
 
-DEFAULT_CMAP = "YlOrRd"
-ALPHA_GAMMA = 0.6
 SCALINGS = ("rank", "minmax")
+OPACITY_GAMMA = {"rank": 3.0, "minmax": 0.6}
 _OUTLINE = (30, 30, 30)
 
 
@@ -54,13 +61,16 @@ def scale_values(values: np.ndarray, how: str) -> np.ndarray:
     raise ValueError(f"scaling {how!r}: use one of {', '.join(SCALINGS)}")
 
 
-def overlay_opacity(heat: np.ndarray, alpha: float) -> np.ndarray:
-    """Opacity of each value: ``alpha * v ** 0.6`` (0 at the low end: see-through)."""
-    return (alpha * np.clip(heat, 0, 1) ** ALPHA_GAMMA).astype(np.float32)
+def overlay_opacity(heat: np.ndarray, alpha: float, scale: str = "minmax") -> np.ndarray:
+    """Opacity of each value: ``alpha * v ** OPACITY_GAMMA[scale]`` (0 at the low end)."""
+    return (alpha * np.clip(heat, 0, 1) ** OPACITY_GAMMA[scale]).astype(np.float32)
 
 
-def overlay_rgba(heat: np.ndarray, covered: np.ndarray, *, cmap: str, alpha: float) -> np.ndarray:
-    """The map as an RGBA image (transparent where not covered), for drawing over the slide.
+def overlay_rgba(
+    heat: np.ndarray, covered: np.ndarray, *, cmap: str, alpha: float, scale: str = "minmax"
+) -> np.ndarray:
+    """The map as an RGBA image (transparent where not covered), for drawing over the slide;
+    ``scale`` is how ``heat`` was scaled (it sets how fast opacity rises).
 
     Returns
     -------
@@ -71,7 +81,7 @@ def overlay_rgba(heat: np.ndarray, covered: np.ndarray, *, cmap: str, alpha: flo
     lut = colour_lut(cmap)
     out = np.zeros((*heat.shape, 4), np.uint8)
     out[..., :3] = lut[np.clip(np.rint(heat * 255), 0, 255).astype(np.int64)]
-    a = np.where(covered, overlay_opacity(heat, alpha), 0)
+    a = np.where(covered, overlay_opacity(heat, alpha, scale), 0)
     out[..., 3] = np.rint(a * 255).astype(np.uint8)
     return out
 
@@ -84,13 +94,16 @@ def blend(thumb: np.ndarray, rgba: np.ndarray) -> np.ndarray:
 
 
 def font(size: int):
-    """Pillow's bundled scalable font at ``size`` px (a bitmap font where FreeType is missing)."""
+    """DejaVu Sans (shipped with matplotlib; it has µ) at ``size`` px, else Pillow's own."""
     from PIL import ImageFont
 
     try:
+        from matplotlib import font_manager
+
+        path = font_manager.findfont("DejaVu Sans", fallback_to_default=True)
+        return ImageFont.truetype(path, max(8, int(size)))
+    except (ImportError, OSError, ValueError):  # pragma: no cover - no matplotlib font
         return ImageFont.load_default(size=max(8, int(size)))
-    except (TypeError, OSError):  # pragma: no cover - Pillow without FreeType
-        return ImageFont.load_default()
 
 
 def nice_length(target: float) -> float:
@@ -115,6 +128,7 @@ def render_overlay(
     um_per_px: float | None = None,
     boxes: list[tuple[int, int, int, int]] | None = None,
     legend: str = "attention",
+    scale: str = "minmax",
 ) -> np.ndarray:
     """Draw ``heat`` (values in [0, 1]) over ``thumb``, with a legend strip below.
 
@@ -128,19 +142,21 @@ def render_overlay(
         Thumbnail-pixel boxes of the top tiles, best first: outlined and numbered.
     legend : str
         What the colours show (with its scaling), written by the colour bar.
+    scale : str
+        How ``heat`` was scaled (``rank`` or ``minmax``): sets how fast opacity rises.
 
     Returns
     -------
     ndarray, shape (h + strip, w, 3), uint8: the overlay at the thumbnail's scale (first ``h``
     rows, pixel for pixel over the thumbnail), then the title, colour bar and scale bar.
     """
-    img = blend(thumb, overlay_rgba(heat, covered, cmap=cmap, alpha=alpha))
+    img = blend(thumb, overlay_rgba(heat, covered, cmap=cmap, alpha=alpha, scale=scale))
     if outline is not None:
         img[outline] = (40, 40, 90)
     if boxes:
         img = _draw_boxes(img, boxes)
     return _legend_strip(img, cmap=cmap, alpha=alpha, title=title, um_per_px=um_per_px,
-                         legend=legend)  # fmt: skip
+                         legend=legend, scale=scale)  # fmt: skip
 
 
 def _draw_boxes(img: np.ndarray, boxes) -> np.ndarray:
@@ -159,7 +175,7 @@ def _draw_boxes(img: np.ndarray, boxes) -> np.ndarray:
     return np.asarray(im)
 
 
-def _legend_strip(img, *, cmap, alpha, title, um_per_px, legend) -> np.ndarray:
+def _legend_strip(img, *, cmap, alpha, title, um_per_px, legend, scale) -> np.ndarray:
     """The image with a white strip below: title, colour bar (as blended over white), scale bar.
 
     Text is sized from the image width (about 1/40 of it, at least 12 px), so it stays legible
@@ -176,7 +192,8 @@ def _legend_strip(img, *, cmap, alpha, title, um_per_px, legend) -> np.ndarray:
     y_bar = h + fs + 2 * pad
     bar_w = max(16, w // 3)
     ramp = np.linspace(0, 1, bar_w, dtype=np.float32)[None, :].repeat(fs, 0)
-    rgba = overlay_rgba(ramp, np.ones_like(ramp, bool), cmap=cmap, alpha=max(alpha, 0.6))
+    rgba = overlay_rgba(ramp, np.ones_like(ramp, bool), cmap=cmap, alpha=max(alpha, 0.6),
+                        scale=scale)  # fmt: skip
     canvas[y_bar : y_bar + fs, pad : pad + bar_w] = blend(np.full((*ramp.shape, 3), 235), rgba)
     im = Image.fromarray(canvas)
     d = ImageDraw.Draw(im)

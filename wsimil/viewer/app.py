@@ -5,7 +5,7 @@
     GET /dzi/<id>.dzi, /dzi/<id>_files/<level>/<col>_<row>.jpeg     slide tiles, from the slide
     GET /overlay/<id>/<map>/<scaling>.dzi, ..._files/<level>/<col>_<row>.png   overlay tiles
     GET /thumb/<id>                             the heatmap's thumbnail
-    GET /legend.png                             the colour bar
+    GET /legend/<scaling>.png                   the colour bar (colours and opacity)
     GET /static/...                             viewer.js, viewer.css, OpenSeadragon
 
 Every ``<id>`` is looked up in the manifest; levels and tile addresses are integers checked
@@ -30,13 +30,13 @@ from .pages import index_page, slide_page
 STATIC = Path(__file__).parent / "static"
 
 
-def _legend_png(cmap: str) -> bytes:
+def _legend_png(cmap: str, scale: str) -> bytes:
     from PIL import Image
 
     from ..overlay import blend, overlay_rgba
 
     ramp = np.linspace(0, 1, 160, dtype=np.float32)[None, :].repeat(14, 0)
-    rgba = overlay_rgba(ramp, np.ones_like(ramp, bool), cmap=cmap, alpha=1.0)
+    rgba = overlay_rgba(ramp, np.ones_like(ramp, bool), cmap=cmap, alpha=1.0, scale=scale)
     buf = io.BytesIO()
     Image.fromarray(blend(np.full((*ramp.shape, 3), 235, np.uint8), rgba)).save(buf, "PNG")
     return buf.getvalue()
@@ -49,7 +49,9 @@ def create_app(cohort: Cohort, *, title: str = "wsimil review", log=None):
 
     app = Flask("wsimil.viewer", static_folder=str(STATIC), static_url_path="/static")
     app.config["SEND_FILE_MAX_AGE_DEFAULT"] = 3600
-    legend = _legend_png(cohort.cmap)
+    from ..overlay import SCALINGS
+
+    legends = {s: _legend_png(cohort.cmap, s) for s in SCALINGS}
 
     def tile_response(tiles, level: int, col: int, row: int):
         t0 = time.perf_counter()
@@ -113,9 +115,11 @@ def create_app(cohort: Cohort, *, title: str = "wsimil review", log=None):
             abort(404)
         return Response(path.read_bytes(), mimetype="image/jpeg")
 
-    @app.get("/legend.png")
-    def legend_png():
-        return Response(legend, mimetype="image/png")
+    @app.get("/legend/<scale>.png")
+    def legend_png(scale: str):
+        if scale not in legends:
+            abort(404)
+        return Response(legends[scale], mimetype="image/png")
 
     return app
 

@@ -187,7 +187,7 @@ class Cohort:
         values = scale_values(table[column].to_numpy(np.float64), scale)
         heat, covered = paint_tiles(values, coords, tile_px_level0=t, downsample=step,
                                     shape=(-(-h // step), -(-w // step)))  # fmt: skip
-        rgba = overlay_rgba(heat, covered, cmap=self.cmap, alpha=1.0)
+        rgba = overlay_rgba(heat, covered, cmap=self.cmap, alpha=1.0, scale=scale)
         return OverlayTiles(rgba, step=step, width=w, height=h)
 
 

@@ -90,7 +90,7 @@ def slide_page(info: dict) -> str:
         '<label>scaling <select id="scale"><option value="rank">rank in slide</option>'
         '<option value="minmax">min-max in slide</option></select></label>'
         '<label>opacity <input type="range" id="opacity" min="0" max="100" value="70"></label>'
-        '<div id="legend"><img id="colourbar" alt="colour bar" src="/legend.png">'
+        '<div id="legend"><img id="colourbar" alt="colour bar" src="/legend/rank.png">'
         "<div><span>low</span><span>high</span></div></div>"
         if info["maps"]
         else f"<p>No overlay: {escape(str(info.get('message') or 'no heatmap for this slide'))}</p>"

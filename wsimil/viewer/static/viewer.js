@@ -105,7 +105,10 @@
   viewer.addHandler("animation-finish", function () { updateScaleBar(); document.body.dataset.moved = String(Date.now()); });
   if ($("map")) {
     $("map").addEventListener("change", loadOverlay);
-    $("scale").addEventListener("change", loadOverlay);
+    $("scale").addEventListener("change", function () {
+      $("colourbar").src = "/legend/" + encodeURIComponent($("scale").value) + ".png";
+      loadOverlay();
+    });
     $("opacity").addEventListener("input", setOpacity);
     $("overlay-on").addEventListener("change", setOpacity);
   }
