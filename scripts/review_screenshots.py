@@ -2,9 +2,9 @@
 
     python scripts/review_screenshots.py demo_run docs/img [--slide ID]
 
-Writes ``review_static.png`` (the slide's static page: thumbnail and overlay side by side),
-``review_viewer.png`` (``wsimil review``'s viewer on the whole slide with the overlay) and
-``review_viewer_zoom.png`` (after clicking the top tile), with headless Chromium through
+Writes ``review_static.jpg`` (the slide's static page: thumbnail and overlay side by side),
+``review_viewer.jpg`` (``wsimil review``'s viewer on the whole slide with the overlay) and
+``review_viewer_zoom.jpg`` (after clicking the top tile), with headless Chromium through
 Playwright. The slide is the labelled positive slide with the highest probability unless given.
 """
 
@@ -56,7 +56,7 @@ def main() -> None:
             page = b.new_page(viewport={"width": 1400, "height": 800})
             static = a.run / "heatmaps" / a.model / "slides" / sid / f"{sid}.html"
             page.goto(static.resolve().as_uri())
-            page.locator("div.side").screenshot(path=str(a.out / "review_static.png"))
+            page.locator("div.side").screenshot(path=str(a.out / "review_static.jpg"), quality=85)
             page.goto(f"{base}/slide/{sid}")
             ready = (
                 "wsimilViewer.world.getItemCount() === 2 && wsimilViewer.world.getItemAt(0)"
@@ -64,17 +64,17 @@ def main() -> None:
             )
             page.wait_for_function(ready, timeout=60_000)
             page.wait_for_timeout(500)
-            page.screenshot(path=str(a.out / "review_viewer.png"))
+            page.screenshot(path=str(a.out / "review_viewer.jpg"), quality=85)
             page.click("button.top[data-rank='1']")
             page.wait_for_timeout(1500)
             page.wait_for_function(ready, timeout=60_000)
             page.wait_for_timeout(500)
-            page.screenshot(path=str(a.out / "review_viewer_zoom.png"))
+            page.screenshot(path=str(a.out / "review_viewer_zoom.jpg"), quality=85)
             b.close()
     finally:
         server.terminate()
         server.wait()
-    print(f"{sid}: wrote {a.out}/review_static.png, review_viewer.png, review_viewer_zoom.png")
+    print(f"{sid}: wrote {a.out}/review_static.jpg, review_viewer.jpg, review_viewer_zoom.jpg")
 
 
 if __name__ == "__main__":
