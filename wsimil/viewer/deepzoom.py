@@ -26,6 +26,8 @@ import threading
 import numpy as np
 
 DZI_NS = "http://schemas.microsoft.com/deepzoom/2008"
+SLIDE_TILE = 254  # OpenSlide's default: with the 1 px overlap on both sides, 256 px tiles
+OVERLAY_TILE = 256
 
 
 class TileNotFound(LookupError):
@@ -85,7 +87,7 @@ class _SlideTiles:
     def __init__(self, slide, *, quality: int = 80, small_px: int = 4096):
         w, h = slide.dimensions
         self.slide, self.quality = slide, quality
-        self.grid = DeepZoomGrid(w, h, tile=254, overlap=1)  # OpenSlide's DeepZoomGenerator's
+        self.grid = DeepZoomGrid(w, h, tile=SLIDE_TILE, overlap=1)
         self._small_level = slide.level_count - 1
         sw, sh = slide.level_dimensions[self._small_level]
         self._small_ds = float(slide.level_downsamples[self._small_level])
@@ -123,13 +125,15 @@ class _SlideTiles:
 
 
 class OpenSlideTiles(_SlideTiles):
-    """Slide tiles from OpenSlide's ``DeepZoomGenerator`` (254 px tiles, 1 px overlap)."""
+    """Slide tiles from OpenSlide's ``DeepZoomGenerator`` (:data:`SLIDE_TILE` px, 1 px overlap)."""
 
     def __init__(self, slide, **kwargs):
         from openslide.deepzoom import DeepZoomGenerator
 
         super().__init__(slide, **kwargs)
-        self.gen = DeepZoomGenerator(slide._osr, tile_size=254, overlap=1, limit_bounds=False)
+        self.gen = DeepZoomGenerator(
+            slide._osr, tile_size=SLIDE_TILE, overlap=1, limit_bounds=False
+        )
         assert self.gen.level_count == self.grid.max_level + 1
 
     def _tile(self, level, col, row, d, box) -> bytes:
@@ -162,7 +166,7 @@ class OverlayTiles:
 
     def __init__(self, grid_rgba: np.ndarray, *, step: int, width: int, height: int):
         self.cells, self.step = grid_rgba, int(step)
-        self.grid = DeepZoomGrid(width, height, tile=256, overlap=0)
+        self.grid = DeepZoomGrid(width, height, tile=OVERLAY_TILE, overlap=0)
         self._empty = None
 
     def dzi(self) -> str:
