@@ -115,6 +115,15 @@ def test_only_manifest_slides_are_served_and_tiles_come_from_the_slide(server, r
     assert _get(f"{base}/slide/{sid}")[0] == 200
 
 
+def test_requests_naming_another_host_are_refused_on_loopback(server):
+    base, manifest, app = server
+    client = app.test_client()
+    assert client.get("/", headers={"Host": "localhost:8000"}).status_code == 200
+    assert client.get("/", headers={"Host": "127.0.0.1:8000"}).status_code == 200
+    for host in ("evil.example", "evil.example:8000", "127.0.0.1.evil.example"):
+        assert client.get("/", headers={"Host": host}).status_code == 400, host
+
+
 def test_the_static_index_links_each_slide_to_the_running_viewer(server, run):
     import re
 

@@ -36,7 +36,7 @@ def review(run_dir, manifest, model_name, port, host):
     from .viewer.serve import ReviewError, open_review
 
     try:
-        app, name = open_review(run_dir, manifest=manifest, model=model_name)
+        app, name = open_review(run_dir, manifest=manifest, model=model_name, host=host)
     except ReviewError as exc:
         raise click.ClickException(str(exc)) from exc
     shown = "localhost" if host in ("127.0.0.1", "localhost") else host

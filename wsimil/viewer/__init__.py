@@ -4,7 +4,7 @@
 - :mod:`.deepzoom`: Deep Zoom tiles of a slide (OpenSlide's ``DeepZoomGenerator``, or any
   wsimil reader) and of its attention overlay, made on demand;
 - :mod:`.pages`: the HTML of the slide list and of the viewer page;
-- :mod:`.app`: the Flask app tying them together;
+- :mod:`.app`: the Flask app tying them together; :mod:`.serve`: a run folder -> its app;
 - ``static/``: the page's script and style, and the vendored OpenSeadragon (see
   ``static/openseadragon/VENDORED.md``).
 

@@ -42,27 +42,34 @@ def _legend_png(cmap: str, scale: str) -> bytes:
     return buf.getvalue()
 
 
-def create_app(cohort: Cohort, *, title: str = "wsimil review", log=None):
+def _tile_response(tiles, level: int, col: int, row: int, log):
+    """One Deep Zoom tile as a response (404 outside the image)."""
+    from flask import Response, abort
+
+    t0 = time.perf_counter()
+    try:
+        data = tiles.tile(level, col, row)
+    except TileNotFound:
+        abort(404)
+    if log is not None:
+        log(f"tile {level}/{col}_{row} {1000 * (time.perf_counter() - t0):.1f} ms")
+    return Response(data, mimetype=tiles.media_type,
+                    headers={"Cache-Control": "private, max-age=3600"})  # fmt: skip
+
+
+def create_app(cohort: Cohort, *, title: str = "wsimil review", log=None, trusted_hosts=None):
     """The Flask app serving ``cohort``; ``log(message)`` receives one line per tile timing
-    when given (for benchmarks)."""
+    when given (for benchmarks). With ``trusted_hosts`` (host names), a request whose ``Host``
+    header names another host is refused (400): a web page the reviewer visits cannot read the
+    slides through DNS rebinding."""
     from flask import Flask, Response, abort
 
     app = Flask("wsimil.viewer", static_folder=str(STATIC), static_url_path="/static")
     app.config["SEND_FILE_MAX_AGE_DEFAULT"] = 3600
+    app.config["TRUSTED_HOSTS"] = list(trusted_hosts) if trusted_hosts else None
     from ..overlay import SCALINGS
 
     legends = {s: _legend_png(cohort.cmap, s) for s in SCALINGS}
-
-    def tile_response(tiles, level: int, col: int, row: int):
-        t0 = time.perf_counter()
-        try:
-            data = tiles.tile(level, col, row)
-        except TileNotFound:
-            abort(404)
-        if log is not None:
-            log(f"tile {level}/{col}_{row} {1000 * (time.perf_counter() - t0):.1f} ms")
-        return Response(data, mimetype=tiles.media_type,
-                        headers={"Cache-Control": "private, max-age=3600"})  # fmt: skip
 
     def slide_tiles(sid: str):
         try:
@@ -87,7 +94,7 @@ def create_app(cohort: Cohort, *, title: str = "wsimil review", log=None):
 
     @app.get("/dzi/<sid>_files/<int:level>/<int:col>_<int:row>.jpeg")
     def slide_tile(sid: str, level: int, col: int, row: int):
-        return tile_response(slide_tiles(sid), level, col, row)
+        return _tile_response(slide_tiles(sid), level, col, row, log)
 
     def overlay(sid: str, key: str, scale: str):
         try:
@@ -101,7 +108,7 @@ def create_app(cohort: Cohort, *, title: str = "wsimil review", log=None):
 
     @app.get("/overlay/<sid>/<key>/<scale>_files/<int:level>/<int:col>_<int:row>.png")
     def overlay_tile(sid: str, key: str, scale: str, level: int, col: int, row: int):
-        return tile_response(overlay(sid, key, scale), level, col, row)
+        return _tile_response(overlay(sid, key, scale), level, col, row, log)
 
     @app.get("/thumb/<sid>")
     def thumb(sid: str):

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from ..layout import RunLayout
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+
 
 class ReviewError(ValueError):
     """The run cannot be reviewed (no manifest, no heatmaps, unknown model); one line."""
@@ -39,8 +41,13 @@ def pick_model(layout: RunLayout, model: str | None) -> str:
 
 
 def open_review(run_dir: str | Path, *, manifest: str | Path | None = None,
-                model: str | None = None, log=None):  # fmt: skip
+                model: str | None = None, host: str = "127.0.0.1", log=None):  # fmt: skip
     """The review app of a run folder and the model name it shows.
+
+    Bound to a loopback address (``host``, the default), the app answers only requests
+    addressed to ``localhost``, ``127.0.0.1`` or ``::1`` (what a browser on this machine or at
+    the end of an SSH tunnel sends), refusing DNS-rebinding pages; bound to any other address
+    it answers every host name.
 
     Raises
     ------
@@ -66,4 +73,5 @@ def open_review(run_dir: str | Path, *, manifest: str | Path | None = None,
     settings = heatmap_settings(layout, name)
     cohort = Cohort(layout, df, name, cmap=settings["cmap"], alpha=settings["alpha"])
     title = f"wsimil review: {layout.root.name} ({name})"
-    return create_app(cohort, title=title, log=log), name
+    trusted = LOOPBACK if host in LOOPBACK else None
+    return create_app(cohort, title=title, log=log, trusted_hosts=trusted), name
