@@ -38,3 +38,13 @@ def test_demo_trains_with_cv_then_predicts_and_draws_an_unlabelled_cohort(tmp_pa
     assert res["localisation"]["n_slides"] <= truth.label.sum()  # slides this small: few tiles
     saved = json.loads((out / "demo_results.json").read_text())
     assert saved["external"]["predictions"] == res["external"]["predictions"]
+
+    # the training cohort is drawn too, so `wsimil review demo_run` shows it
+    from wsimil.viewer.serve import open_review
+
+    app, name = open_review(out)
+    assert name == "gated_attention"
+    page = app.test_client().get("/").get_data(as_text=True)
+    cohort = pd.read_csv(out / "manifest.csv")
+    assert all(f'href="/slide/{sid}"' in page for sid in cohort.slide_id)
+    assert page.count("<td>train</td>") == len(cohort)  # every slide trained a fold model

@@ -27,13 +27,16 @@ def test_paint_tiles_places_and_averages_overlapping_tiles():
     np.testing.assert_allclose(mean[5, 15:20], 0.0)  # only tile 1
 
 
-def test_overlay_blends_only_covered_pixels_and_adds_a_colour_bar():
+def test_overlay_blends_only_covered_pixels_and_puts_the_legend_below():
     thumb = np.full((50, 60, 3), 200, np.uint8)
     heat = np.zeros((50, 60), np.float32)
     covered = np.zeros((50, 60), bool)
     covered[10:20, 10:20] = True
     heat[10:20, 10:20] = 1.0
+    covered[30:40, 10:20] = True  # covered, lowest value: see-through
     img = render_overlay(thumb, heat, covered, cmap="turbo", alpha=0.5)
-    assert img.shape[0] == 50 and img.shape[1] > 60
+    # same width as the thumbnail (same scale side by side), legend strip below
+    assert img.shape[1] == 60 and img.shape[0] > 50
     assert (img[:10, :60] == 200).all()
     assert not (img[15, 15] == 200).all()
+    assert (img[30:40, 10:20] == 200).all()

@@ -151,3 +151,20 @@ def test_review_page_loads_in_headless_chromium_without_console_errors(review, t
     red = (img[..., 0] > 170) & (img[..., 1] < 70) & (img[..., 2] < 70)
     assert red.sum() > 50
     Path(shot).unlink()
+
+
+def test_index_links_each_scored_slide_to_the_viewer_only_when_given_its_address(review):
+    from wsimil.review import write_index
+
+    folder, index, rows = review
+    assert "open in viewer" not in index.read_text()  # no address: no links, page stays offline
+    records = [{k: v for k, v in r.items() if not (isinstance(v, float) and np.isnan(v))}
+               for r in rows.to_dict("records")]  # fmt: skip
+    text = write_index(
+        folder, records, model_name="m", viewer_url="http://localhost:8123/"
+    ).read_text()
+    p = _Links()
+    p.feed(text)
+    remote = sorted(r for r in p.refs if r.startswith("http"))
+    ok = sorted(rows.slide_id[rows.status == "ok"])
+    assert remote == sorted(f"http://localhost:8123/slide/{sid}" for sid in ok)

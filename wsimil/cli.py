@@ -30,6 +30,7 @@ from .cli_common import (
 )
 from .cli_features import encoders, export_features, import_features
 from .cli_options import section_options
+from .cli_review import review
 from .config import EmbedConfig, HeatmapConfig, TileConfig, TrainConfig
 
 
@@ -47,6 +48,7 @@ def main():
       wsimil predict RUN_DIR   scores (+ metrics with labels) -> RUN_DIR/predictions/<name>/
       wsimil heatmap RUN_DIR   predictions + overlays       -> RUN_DIR/heatmaps/<name>/
       wsimil report RUN_DIR    cohort predictions + review page from the heatmaps
+      wsimil review RUN_DIR    zoomable slide viewer with the overlays, in a browser
     `wsimil demo` generates sample cohorts and runs them all: CV training on one, predict
     and heatmap with the trained model on an unlabelled one.
     """
@@ -301,7 +303,9 @@ def predict(run_dir, manifest, config_file, model_name, bootstrap, device, threa
 @MANIFEST
 @click.option("--model", "model_name", required=True, help="Model folder under RUN_DIR/models.")
 @click.option("--review-page/--no-review-page", default=True, help="Write index.html [on].")
-def report(run_dir, manifest, model_name, review_page):
+@click.option("--viewer-url", default="http://localhost:8000", show_default=True,
+              help="index.html links each slide to `wsimil review` here ('' for none).")  # fmt: skip
+def report(run_dir, manifest, model_name, review_page, viewer_url):
     """Cohort outputs from the per-slide heatmaps -> predictions.csv, summary.json, index.html."""
     from .layout import RunLayout
     from .manifest import ManifestError, read_manifest
@@ -310,7 +314,8 @@ def report(run_dir, manifest, model_name, review_page):
     layout = RunLayout(run_dir)
     try:
         df = read_manifest(manifest or layout.manifest)
-        summary = write_report(layout, model_name, df, review_page=review_page)
+        summary = write_report(layout, model_name, df, review_page=review_page,
+                               viewer_url=viewer_url)  # fmt: skip
     except (ManifestError, ValueError) as exc:
         raise click.ClickException(str(exc).splitlines()[0]) from exc
     counts = ", ".join(f"{v} {k}" for k, v in summary["status"].items())
@@ -359,7 +364,7 @@ def demo(out_dir, n_slides, size_px, encoder, seed):
 
 
 main.add_command(check)
-for _cmd in (encoders, import_features, export_features):
+for _cmd in (encoders, import_features, export_features, review):
     main.add_command(_cmd)
 
 if __name__ == "__main__":  # pragma: no cover

@@ -174,8 +174,17 @@ class TrainConfig(_Section):
 
 
 class HeatmapConfig(_Section):
-    cmap: str = Field("turbo", description="Matplotlib colormap of the overlay")
-    alpha: float = Field(0.5, ge=0, le=1, description="overlay opacity")
+    cmap: str = Field(
+        "autumn_r",
+        description="Matplotlib colormap of the overlay (autumn_r: yellow to red, no blue/purple to mistake for haematoxylin)",
+    )
+    alpha: float = Field(
+        0.7, ge=0, le=1, description="overlay opacity at the top of the scale (alpha * v**0.6)"
+    )
+    scale: Literal["rank", "minmax"] = Field(
+        "rank",
+        description="overlay scaling per slide: rank (percentile, colours spread evenly) or minmax",
+    )
     thumbnail_px: int = Field(2048, ge=64, description="long side of the overlay")
     smooth_tiles: float = Field(
         0.0, ge=0, description="Gaussian smoothing of the overlay, sigma in tiles (0: none)"
@@ -191,6 +200,10 @@ class HeatmapConfig(_Section):
     )
     review_page: bool = Field(
         True, description="the cohort's index.html (written with predictions.csv by the report)"
+    )
+    viewer_url: str = Field(
+        "http://localhost:8000",
+        description="index.html links each slide to `wsimil review` at this address ('' for none)",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "cpu",

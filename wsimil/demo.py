@@ -210,6 +210,7 @@ def _print_results(say, out_dir: Path, cfg: Config, result: dict, tiles: dict) -
     say(f"  external predictions: {xr['predictions']}")
     say(f"  external heatmaps: {ext.heatmaps(name).path}/slides/<slide_id>/<slide_id>.png")
     say(f"  review page: {ext.review_index(name)}")
+    say(f"  zoomable review in a browser: wsimil review {out_dir}  (or {ext.root})")
 
 
 def _stages(manifests: dict, dirs: dict, cfg: Config, times: dict, say, console) -> dict:
@@ -238,11 +239,13 @@ def _stages(manifests: dict, dirs: dict, cfg: Config, times: dict, say, console)
     say(f"[bold]5/6 predict[/bold] the external cohort with {model}")
     out["predict"] = _timed(times, "predict", run_predict, manifests["external"],
                             dirs["external"], model, console=console)  # fmt: skip
-    say("[bold]6/6 heatmap[/bold] the external cohort")
+    say("[bold]6/6 heatmap[/bold] the external cohort, then the training cohort (for review)")
     out["heatmap"] = _timed(
         times, "heatmap", run_heatmap, manifests["external"], dirs["external"], cfg.heatmap,
         model_name=model, console=console,
     )  # fmt: skip
+    _timed(times, "heatmap", run_heatmap, manifests["cohort"], dirs["cohort"], cfg.heatmap,
+           model_name=cfg.train.name, console=console)  # fmt: skip
     return out
 
 

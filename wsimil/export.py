@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from .layout import HeatmapFiles
+from .overlay import render_overlay, scale_values
 from .pyramid import IndexedGridTiles, PyramidLevel, level_sizes, write_tiff_pyramid
-from .raster import colour_lut, mask_outline, minmax, paint_tiles, render_overlay, smooth_heat
+from .raster import colour_lut, mask_outline, paint_tiles, smooth_heat
 
 MEASUREMENTS = ("attention", "attention_scaled", "rank", "instance_score")
 
@@ -202,7 +203,7 @@ def write_top_crops(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    order = np.argsort(-table["attention"].to_numpy(np.float64), kind="stable")[: max(0, int(k))]
+    order = top_order(table["attention"].to_numpy(np.float64), k)
     level = slide.best_level_at_or_finer(tile_px_level0 / crop_px)
     ds = float(slide.level_downsamples[level])
     side = max(1, int(math.ceil(tile_px_level0 / ds)))
@@ -228,21 +229,40 @@ def write_top_crops(
     return out
 
 
-def _class_overlays(table, thumb, ds, coords, files, cfg, tile_px_level0, *, title, outline):
+LEGEND = {"rank": "rank in slide", "minmax": "min-max in slide"}
+
+
+def top_order(values: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` highest values, highest first (ties: first row first)."""
+    return np.argsort(-np.asarray(values, np.float64), kind="stable")[: max(0, int(k))]
+
+
+def _top_boxes(table, k: int, tile_px_level0: int, ds: float) -> list[tuple[int, int, int, int]]:
+    """Thumbnail-pixel boxes of the ``k`` highest-attention tiles, best first."""
+    boxes = []
+    for i in top_order(table["attention"].to_numpy(np.float64), k):
+        x, y = float(table["x"].iloc[i]) / ds, float(table["y"].iloc[i]) / ds
+        t = tile_px_level0 / ds
+        boxes.append((int(x), int(y), int(math.ceil(x + t)) - 1, int(math.ceil(y + t)) - 1))
+    return boxes
+
+
+def _class_overlays(table, thumb, ds, coords, files, cfg, tile_px_level0, *, title, draw):
     """One overlay per class for models with a map per class (``map_<class>`` columns, each
-    min-max scaled on its own): ``<slide_id>.class<k>.png``, k the class's position (class
-    names never reach a file name). Returns class name -> file name."""
+    scaled on its own): ``<slide_id>.class<k>.png``, k the class's position (class names never
+    reach a file name). Returns class name -> file name."""
     from PIL import Image
 
     out = {}
     for k, col in enumerate(c for c in table.columns if c.startswith("map_")):
         name = col[len("map_") :]
-        heat, covered = paint_tiles(minmax(table[col].to_numpy(np.float64)), coords,
-                                    tile_px_level0=tile_px_level0, downsample=ds,
+        heat, covered = paint_tiles(scale_values(table[col].to_numpy(np.float64), cfg.scale),
+                                    coords, tile_px_level0=tile_px_level0, downsample=ds,
                                     shape=thumb.shape[:2])  # fmt: skip
         heat = smooth_heat(heat, covered, sigma_px=cfg.smooth_tiles * tile_px_level0 / ds)
-        img = render_overlay(thumb, heat, covered, cmap=cfg.cmap, alpha=cfg.alpha,
-                             title=f"{title}  evidence for {name}", outline=outline)  # fmt: skip
+        img = render_overlay(thumb, heat, covered, title=f"{title}  evidence for {name}",
+                             legend=f"evidence for {name}, {LEGEND[cfg.scale]}",
+                             **draw)  # fmt: skip
         path = files.folder / f"{files.slide_id}.class{k}.png"
         Image.fromarray(img).save(path)
         out[name] = path.name
@@ -285,7 +305,7 @@ def export_slide(
     res: dict = {"overlay": files.overlay.name, "thumbnail": files.thumbnail.name,
                  "geojson": None, "tiff": None, "top": []}  # fmt: skip
     coords = table[["x", "y"]].to_numpy(np.int64)
-    scaled = table["attention_scaled"].to_numpy(np.float64)
+    scaled = scale_values(table["attention"].to_numpy(np.float64), cfg.scale)
 
     t0 = time.perf_counter()
     thumb, ds = slide.thumbnail(cfg.thumbnail_px)
@@ -296,13 +316,16 @@ def export_slide(
     outline = None
     if tissue is not None and cfg.tissue_outline:
         outline = mask_outline(tissue[0], thumb.shape[:2])
-    img = render_overlay(
-        thumb, heat, covered, cmap=cfg.cmap, alpha=cfg.alpha, title=title, outline=outline
-    )
+    um_per_px = slide.mpp * ds if slide.mpp else None
+    draw = dict(cmap=cfg.cmap, alpha=cfg.alpha, outline=outline, um_per_px=um_per_px,
+                scale=cfg.scale,
+                boxes=_top_boxes(table, cfg.top_k, tile_px_level0, ds))  # fmt: skip
+    img = render_overlay(thumb, heat, covered, title=title,
+                         legend=f"attention, {LEGEND[cfg.scale]}", **draw)  # fmt: skip
     Image.fromarray(img).save(files.overlay)
     Image.fromarray(thumb).save(files.thumbnail, quality=85)
     res["class_overlays"] = _class_overlays(table, thumb, ds, coords, files, cfg, tile_px_level0,
-                                            title=title, outline=outline)  # fmt: skip
+                                            title=title, draw=draw)  # fmt: skip
     secs["overlay"] = time.perf_counter() - t0
 
     if cfg.geojson:

@@ -35,20 +35,12 @@ from .earlier import before_heatmap
 from .export import export_slide
 from .layout import HeatmapFiles, RunLayout
 from .manifest import mpp_override
-from .raster import minmax, render_overlay
+from .overlay import percentile_rank, render_overlay
+from .raster import minmax
 from .review import write_slide_page
 from .runner import SlideOutcome, SlideStage, run_slides
 from .slide import SlideError, open_slide
 from .store import atomic_output, config_hash, open_store, store_attrs
-
-
-def percentile_rank(values: np.ndarray) -> np.ndarray:
-    """Rank of each value as a fraction in [0, 1] (1 = highest)."""
-    n = len(values)
-    if n <= 1:
-        return np.ones(n, np.float32)
-    order = np.argsort(np.argsort(values, kind="stable"), kind="stable")
-    return (order / (n - 1)).astype(np.float32)
 
 
 def slide_scores(predictor, features: np.ndarray) -> tuple[dict, dict[str, np.ndarray]]:
@@ -142,7 +134,7 @@ class HeatmapStage(SlideStage):
         self.label_column = self.meta["config"].get("label_column", "label")
         self.settings = {
             "stage": "heatmap",
-            **cfg.model_dump(exclude={"review_page", "device"}),  # neither changes an output
+            **cfg.model_dump(exclude={"review_page", "device", "viewer_url"}),  # no output changes
             # the card and every member's model.json, which holds its weights' SHA-256
             "model_sha256": config_hash({"card": self.predictor.card,
                                          "members": [m[2] for m in self.predictor.members]}),
@@ -298,7 +290,7 @@ class HeatmapStage(SlideStage):
         empty = np.zeros(thumb.shape[:2], np.float32)
         img = render_overlay(
             thumb, empty, empty > 0, cmap=self.cfg.cmap, alpha=self.cfg.alpha,
-            title=f"{sid}  no tissue tiles",
+            title=f"{sid}  no tissue tiles", um_per_px=_um_per_px(slide, thumb),
         )  # fmt: skip
         Image.fromarray(img).save(out.overlay)
         Image.fromarray(thumb).save(out.thumbnail, quality=85)
@@ -308,6 +300,11 @@ class HeatmapStage(SlideStage):
             "files": {"overlay": out.overlay.name, "thumbnail": out.thumbnail.name,
                       "page": out.page.name, "top": []},
         }  # fmt: skip
+
+
+def _um_per_px(slide, thumb: np.ndarray) -> float | None:
+    """Microns per thumbnail pixel (None when the slide has no mpp)."""
+    return slide.mpp * slide.dimensions[0] / thumb.shape[1] if slide.mpp else None
 
 
 def _tissue_of(tile_store: Path) -> tuple[np.ndarray, float] | None:
@@ -358,5 +355,6 @@ def run_heatmap(
     if report:
         from .report import write_report
 
-        write_report(layout, stage.model_name, manifest, review_page=cfg.review_page)
+        write_report(layout, stage.model_name, manifest, review_page=cfg.review_page,
+                     viewer_url=cfg.viewer_url)  # fmt: skip
     return result

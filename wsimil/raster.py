@@ -1,7 +1,8 @@
 """Small raster operations shared by the tile QC image, the heatmap overlays and the exports.
 
 Plain functions on arrays: painting per-tile values onto a grid, smoothing, resizing masks
-and drawing their outlines, and the colour table of a colormap. Nothing here reads slides or
+and drawing their outlines, and the colour table of a colormap (how a map is drawn over the
+slide is :mod:`wsimil.overlay`). Nothing here reads slides or
 writes files.
 """
 
@@ -112,57 +113,6 @@ def mask_outline(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
     m = resize_mask(mask, shape) > 0
     return m & ~binary_erosion(m, iterations=1, border_value=0)
-
-
-def render_overlay(
-    thumb: np.ndarray,
-    heat: np.ndarray,
-    covered: np.ndarray,
-    *,
-    cmap: str,
-    alpha: float,
-    title: str = "",
-    outline: np.ndarray | None = None,
-) -> np.ndarray:
-    """Blend ``heat`` (values in [0, 1]) over ``thumb`` and add a colour bar on the right.
-
-    ``outline`` (h, w) bool marks tissue-boundary pixels, drawn in dark blue-grey on top.
-
-    Returns
-    -------
-    ndarray, shape (h, w + bar, 3), uint8
-    """
-    lut = colour_lut(cmap).astype(np.float32)
-    colour = lut[np.clip((heat * 255).round().astype(np.int64), 0, 255)]
-    out = thumb.astype(np.float32)
-    # Opacity grows with the value, so low-attention tissue stays readable underneath.
-    a = (alpha * (0.25 + 0.75 * np.clip(heat, 0, 1)))[covered][:, None]
-    out[covered] = (1 - a) * out[covered] + a * colour[covered]
-    img = np.clip(out + 0.5, 0, 255).astype(np.uint8)
-    if outline is not None:
-        img[outline] = (40, 40, 90)
-    return _add_colour_bar(img, lut, title=title)
-
-
-def _add_colour_bar(img: np.ndarray, lut: np.ndarray, *, title: str) -> np.ndarray:
-    from PIL import Image, ImageDraw
-
-    h, w = img.shape[:2]
-    bar_w, pad = 90, 12
-    canvas = np.full((h, w + bar_w, 3), 255, np.uint8)
-    canvas[:, :w] = img
-    top = min(40, h // 5)
-    bottom = max(top + 1, h - top)
-    ramp = lut[np.linspace(255, 0, bottom - top).astype(int)].astype(np.uint8)
-    canvas[top:bottom, w + pad : w + pad + 20] = ramp[:, None, :]
-    im = Image.fromarray(canvas)
-    d = ImageDraw.Draw(im)
-    d.text((w + pad, top - 14), "1.0 high", fill=(0, 0, 0))
-    d.text((w + pad, bottom + 2), "0.0 low", fill=(0, 0, 0))
-    d.text((w + pad, 4), "attention", fill=(0, 0, 0))
-    if title:
-        d.text((6, 4), title, fill=(0, 0, 0))
-    return np.asarray(im)
 
 
 def minmax(values: np.ndarray) -> np.ndarray:

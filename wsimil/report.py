@@ -132,8 +132,12 @@ def write_report(
     manifest: pd.DataFrame,
     *,
     review_page: bool = True,
+    viewer_url: str = "",
 ) -> dict:
     """Write ``predictions.csv``, ``summary.json`` and (``review_page``) ``index.html``.
+
+    ``viewer_url``: where ``wsimil review`` runs (e.g. ``http://localhost:8000``); the index
+    then links each slide to its viewer page there (none when empty).
 
     Returns
     -------
@@ -148,12 +152,14 @@ def write_report(
     lock = SlideLock(folder / ".locks" / ".report.lock")
     lock.acquire(wait=True)
     try:
-        return _write_report(layout, model_name, manifest, folder, review_page=review_page)
+        return _write_report(layout, model_name, manifest, folder, review_page=review_page,
+                             viewer_url=viewer_url)  # fmt: skip
     finally:
         lock.release()
 
 
-def _write_report(layout, model_name, manifest, folder: Path, *, review_page: bool) -> dict:
+def _write_report(layout, model_name, manifest, folder: Path, *, review_page: bool,
+                  viewer_url: str) -> dict:  # fmt: skip
     records = slide_records(layout, model_name, [str(s) for s in manifest["slide_id"]])
     ok = [r for r in records if r["status"] == "ok"]
     table = pd.DataFrame([{c: r.get(c) for c in PREDICTION_COLUMNS} for r in ok],
@@ -166,5 +172,5 @@ def _write_report(layout, model_name, manifest, folder: Path, *, review_page: bo
     if review_page:
         from .review import write_index
 
-        files.append(write_index(folder, records, model_name=model_name))
+        files.append(write_index(folder, records, model_name=model_name, viewer_url=viewer_url))
     return {**summary, "files": [str(Path(f)) for f in files]}

@@ -138,7 +138,15 @@ def _class_figures(overlays: dict) -> str:
     return f'<h2>Evidence for each class</h2><div class="side">{figs}</div>'
 
 
-def _index_row(record: dict) -> str:
+def _zoom_link(viewer_url: str, sid: str) -> str:
+    """A link to the slide in ``wsimil review`` at ``viewer_url`` (nothing when empty)."""
+    if not viewer_url:
+        return ""
+    href = f"{escape(viewer_url.rstrip('/'))}/slide/{quote(sid)}"
+    return f'<br><a class="zoom" href="{href}">open in viewer</a>'
+
+
+def _index_row(record: dict, viewer_url: str = "") -> str:
     sid = record["slide_id"]
     label = _label_text(record)
     if record["status"] not in ("ok", "empty"):
@@ -158,14 +166,17 @@ def _index_row(record: dict) -> str:
     prediction = record.get("prediction")
     return (
         f'<tr class="slide" id="row-{escape(sid)}"><td><a href="{_href(*folder, info["page"])}">'
-        f"{escape(sid)}</a><br><small>{record.get('n_tiles', 0)} tiles</small>{_split_text(record)}</td>"
+        f"{escape(sid)}</a><br><small>{record.get('n_tiles', 0)} tiles</small>{_split_text(record)}"
+        f"{_zoom_link(viewer_url, sid)}</td>"
         f"<td>{_probability(record) or escape(record['status'])}</td>"
         f"<td>{escape(str(prediction)) if _called(prediction) else ''}</td>"
         f'<td>{label}</td><td class="{cls}">{text}</td><td>{thumb}</td><td>{over}</td></tr>'
     )
 
 
-def write_index(folder: str | Path, records: list[dict], *, model_name: str = "") -> Path:
+def write_index(
+    folder: str | Path, records: list[dict], *, model_name: str = "", viewer_url: str = ""
+) -> Path:
     """Write ``index.html``: every slide of the cohort by probability (highest first).
 
     Parameters
@@ -175,6 +186,9 @@ def write_index(folder: str | Path, records: list[dict], *, model_name: str = ""
     records : list of dict
         One record per slide (see :func:`write_slide_page`); slides that failed or were not run
         carry ``status`` and ``message`` only.
+    viewer_url : str
+        Where ``wsimil review`` serves this cohort (e.g. ``http://localhost:8000``): each slide
+        gets an "open in viewer" link there, which works while the viewer runs. Empty: none.
     """
     folder = Path(folder)
     ordered = sorted(
@@ -196,11 +210,18 @@ def write_index(folder: str | Path, records: list[dict], *, model_name: str = ""
     body = (
         f"<h1>wsimil heatmaps{(': ' + escape(model_name)) if model_name else ''}</h1>"
         f"<p>{len(records)} slides, {len(scored)} scored, {acc}. Sorted by slide probability (highest first). "
-        "Overlay: per-slide min-max rescaled attention (red = highest); click a slide for its top tiles. "
-        '<a href="predictions.csv">predictions.csv</a></p>'
+        "Overlay: attention scaled per slide (its colour bar names the scaling; dark red = highest, "
+        "top tiles outlined and numbered); click a slide for its top tiles. "
+        + (
+            "<b>open in viewer</b> zooms into the slide in <code>wsimil review</code> (start it with "
+            f"<code>wsimil review RUN</code>; the links go to {escape(viewer_url)}). "
+            if viewer_url
+            else ""
+        )
+        + '<a href="predictions.csv">predictions.csv</a></p>'
         "<table><thead><tr><th>slide</th><th>probability</th><th>prediction</th><th>label</th><th>result</th>"
         "<th>thumbnail</th><th>attention overlay</th></tr></thead><tbody>\n"
-        + "\n".join(_index_row(r) for r in ordered)
+        + "\n".join(_index_row(r, viewer_url) for r in ordered)
         + "\n</tbody></table>"
     )
     index = folder / "index.html"
