@@ -173,3 +173,21 @@ def test_grid_fractions_from_block_sums_equal_the_integral_image():
             c = grid_coords(int(w * ds) + 1, int(h * ds) + 1, tile_px=t, stride_px=t, edges=edges)
             np.testing.assert_allclose(grid_fractions(mask, c, tile_px=t, downsample=ds),
                                        tile_fractions(mask, c, tile_px=t, downsample=ds))  # fmt: skip
+
+
+def test_clean_window_cleans_inside_and_leaves_what_goes_on_outside():
+    from wsimil.mask import clean_window
+
+    mask = np.zeros((120, 160), bool)
+    mask[20:100, 10:90] = True  # a region crossing the window's left edge (x = 50)
+    mask[50:55, 60:65] = False  # a 25-px hole inside the window
+    mask[30:35, 120:125] = True  # a 25-px speck inside the window
+    mask[5:11, 47:53] = True  # a 36-px speck across the window's left edge
+    before = mask.copy()
+    kw = dict(pixel_um=8.0, min_tissue_um2=50 * 64, max_hole_um2=50 * 64)  # 50 px
+    clean_window(mask, (0, 120, 50, 160), **kw)
+    assert mask[50:55, 60:65].all()  # hole filled
+    assert not mask[30:35, 120:125].any()  # speck dropped
+    assert mask[6:10, 50:53].all()  # kept: it goes on outside the window
+    np.testing.assert_array_equal(mask[:, :47], before[:, :47])  # outside the margin: untouched
+    assert mask[21:99, 50:89].all()  # (the opening by the cross cuts square corners)

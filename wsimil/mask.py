@@ -9,7 +9,8 @@ Reading and geometry only; the pixel rules are :mod:`wsimil.tissue`'s.
    coarse mask did not keep (thin strands and fringes diluted by averaging), are read again at
    ``mask_mpp`` in blocks and classified pixel by pixel with the same rule. Everywhere else
    the fine mask copies the coarse one.
-3. The fine mask is cleaned at its own pixel size (closing, opening, small regions, holes).
+3. The re-read blocks are cleaned at the fine pixel size (closing, opening, small regions,
+   holes), seeing their surroundings; regions and holes that go on outside a block are left.
 
 Only the edge blocks are read at the fine resolution, so a slide costs about its coarse level
 plus the length of its tissue outline.
@@ -110,7 +111,8 @@ def two_level_mask(slide: Slide, cfg: TileConfig) -> tuple[np.ndarray, float, np
     edge = dilate_cross(coarse | weak) & ~erode_cross(coarse)
     fine = np.repeat(np.repeat(coarse, k, axis=0), k, axis=1)
     fine_um = grid.downsample * slide.mpp
-    for (y0, y1), (x0, x1) in edge_runs(edge):
+    runs = list(edge_runs(edge))
+    for (y0, y1), (x0, x1) in runs:
         if full is not None:
             block = full[y0 * k : y1 * k, x0 * k : x1 * k]
         else:
@@ -119,9 +121,49 @@ def two_level_mask(slide: Slide, cfg: TileConfig) -> tuple[np.ndarray, float, np
         px = rule.pixels(block, blur_px=BLUR_UM / fine_um)
         view = fine[y0 * k : y1 * k, x0 * k : x1 * k]
         view[zone] = px[zone]
-    fine = clean_mask(fine, pixel_um=fine_um, min_tissue_um2=cfg.min_tissue_um2,
-                      max_hole_um2=cfg.max_hole_um2)  # fmt: skip
+    for (y0, y1), (x0, x1) in runs:  # elsewhere the fine mask is the cleaned coarse one
+        clean_window(fine, (y0 * k, y1 * k, x0 * k, x1 * k), pixel_um=fine_um,
+                     min_tissue_um2=cfg.min_tissue_um2, max_hole_um2=cfg.max_hole_um2)  # fmt: skip
     return fine, grid.downsample, rgb if full is None else full
+
+
+def clean_window(
+    mask: np.ndarray, window: tuple[int, int, int, int], *, pixel_um: float,
+    min_tissue_um2: float, max_hole_um2: float, margin: int = 3,
+) -> None:  # fmt: skip
+    """:func:`~wsimil.tissue.clean_mask` of ``mask[y0:y1, x0:x1]``, in place, as part of the
+    whole mask: the morphology sees ``margin`` px around the window, and regions and holes
+    that reach the window's edge are left as they are (they go on outside it; a fragment
+    across two re-read windows is kept whatever its size)."""
+    from scipy.ndimage import label
+
+    y0, y1, x0, x1 = window
+    h, w = mask.shape
+    ya, yb, xa, xb = (
+        max(0, y0 - margin),
+        min(h, y1 + margin),
+        max(0, x0 - margin),
+        min(w, x1 + margin),
+    )
+    sub = mask[ya:yb, xa:xb]
+    m = erode_cross(dilate_cross(sub))
+    m = dilate_cross(erode_cross(m))
+    inner = (slice(y0 - ya, y1 - ya), slice(x0 - xa, x1 - xa))
+    sub[inner] = m[inner]
+    px_area = pixel_um * pixel_um
+    for value, area in ((True, min_tissue_um2), (False, max_hole_um2)):
+        if area <= 0:
+            continue
+        labels, n = label(sub == value)
+        if n == 0:
+            continue
+        edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+        sizes = np.bincount(labels.ravel(), minlength=n + 1)
+        small = sizes <= max(int(area / px_area), 1)
+        small[0] = False
+        small[edge] = False
+        if small.any():
+            sub[small[labels]] = not value
 
 
 def edge_runs(edge: np.ndarray, *, block: int = BLOCK, max_px: int = 4096):
