@@ -130,23 +130,18 @@ def tile_outlines(
     coords: np.ndarray, shape: tuple[int, int], *, tile_px_level0: int, downsample: float
 ) -> np.ndarray:
     """Pixels on the outline of each tile on an image of ``shape`` at ``downsample`` level-0
-    px per pixel (a 1-px box per tile, as ``ImageDraw.rectangle`` draws it, without a loop
-    over tiles). Returns (h, w) bool."""
+    px per pixel (a 1-px box per tile, as ``ImageDraw.rectangle`` draws it; one fancy-index
+    assignment per side, no loop over tiles). Returns (h, w) bool."""
     h, w = shape
     out = np.zeros((h, w), bool)
     if len(coords) == 0:
         return out
     c = np.asarray(coords, np.float64) / downsample
-    x0, y0 = np.floor(c[:, 0]).astype(np.int64), np.floor(c[:, 1]).astype(np.int64)
+    x0, y0 = np.floor(c[:, :1]).astype(np.int64), np.floor(c[:, 1:]).astype(np.int64)
     t = max(1, int(round(tile_px_level0 / downsample)))
-    x1, y1 = x0 + t - 1, y0 + t - 1
-    for rows, a, b, along_x in ((y0, x0, x1, True), (y1, x0, x1, True),
-                                (x0, y0, y1, False), (x1, y0, y1, False)):  # fmt: skip
-        n, m = (h, w) if along_x else (w, h)
-        ok = (rows >= 0) & (rows < n) & (b >= 0) & (a < m)
-        diff = np.zeros((n, m + 1), np.int32)  # +1 at each segment's start, -1 past its end
-        np.add.at(diff, (rows[ok], np.clip(a[ok], 0, m)), 1)
-        np.add.at(diff, (rows[ok], np.clip(b[ok] + 1, 0, m)), -1)
-        seg = np.cumsum(diff, axis=1)[:, :m] > 0
-        out |= seg if along_x else seg.T
+    r = np.arange(t)[None, :]
+    for ys, xs in ((y0, x0 + r), (y0 + t - 1, x0 + r), (y0 + r, x0), (y0 + r, x0 + t - 1)):
+        ys, xs = np.broadcast_arrays(ys, xs)
+        ok = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)
+        out[ys[ok], xs[ok]] = True
     return out
