@@ -158,8 +158,20 @@ def test_overlay_tiles_are_transparent_off_tissue_and_coloured_on_the_top_tile(s
     )
     img = np.asarray(Image.open(io.BytesIO(body)).convert("RGBA"))
     assert kind == "image/png" and img[cy % 256, cx % 256, 3] > 200  # the top tile: opaque
-    status, _, body = _get(f"{base}/overlay/{sid}/attention/rank_files/12/0_0.png")
-    assert np.asarray(Image.open(io.BytesIO(body)).convert("RGBA"))[..., 3].max() == 0  # corner
+    # A 256-px overlay tile that no wsimil tile touches (glass) is fully transparent.
+    tiles = open_store(run[0] / "tiles" / f"{sid}.zarr")
+    t0 = int(tiles.attrs["tile_px_level0"])
+    touched = {(c, r) for x, y in np.asarray(tiles["coords"][...])
+               for c in range(max(x, 0) // 256, (x + t0 - 1) // 256 + 1)
+               for r in range(max(y, 0) // 256, (y + t0 - 1) // 256 + 1)}  # fmt: skip
+    glass = [
+        (c, r) for r in range(2048 // 256) for c in range(3072 // 256) if (c, r) not in touched
+    ]
+    assert glass
+    status, _, body = _get(
+        f"{base}/overlay/{sid}/attention/rank_files/12/{glass[0][0]}_{glass[0][1]}.png"
+    )
+    assert np.asarray(Image.open(io.BytesIO(body)).convert("RGBA"))[..., 3].max() == 0
 
 
 @needs_chromium
