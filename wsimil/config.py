@@ -182,8 +182,8 @@ class HeatmapConfig(_Section):
         0.7, ge=0, le=1, description="overlay opacity at the top of the scale (alpha * v**0.6)"
     )
     scale: Literal["rank", "minmax"] = Field(
-        "rank",
-        description="overlay scaling per slide: rank (percentile, colours spread evenly) or minmax",
+        "minmax",
+        description="overlay scaling per slide: minmax ((a - min) / (max - min), DESIGN.md) or rank (percentile, colours spread evenly)",
     )
     thumbnail_px: int = Field(2048, ge=64, description="long side of the overlay")
     smooth_tiles: float = Field(

@@ -87,10 +87,10 @@ def slide_page(info: dict) -> str:
     controls = (
         '<label><input type="checkbox" id="overlay-on" checked> overlay</label>'
         f'<label>map <select id="map">{maps}</select></label>'
-        '<label>scaling <select id="scale"><option value="rank">rank in slide</option>'
-        '<option value="minmax">min-max in slide</option></select></label>'
+        '<label>scaling <select id="scale"><option value="minmax">min-max in slide</option>'
+        '<option value="rank">rank in slide</option></select></label>'
         '<label>opacity <input type="range" id="opacity" min="0" max="100" value="70"></label>'
-        '<div id="legend"><img id="colourbar" alt="colour bar" src="/legend/rank.png">'
+        '<div id="legend"><img id="colourbar" alt="colour bar" src="/legend/minmax.png">'
         "<div><span>low</span><span>high</span></div></div>"
         if info["maps"]
         else f"<p>No overlay: {escape(str(info.get('message') or 'no heatmap for this slide'))}</p>"
