@@ -191,3 +191,29 @@ def test_clean_window_cleans_inside_and_leaves_what_goes_on_outside():
     assert mask[6:10, 50:53].all()  # kept: it goes on outside the window
     np.testing.assert_array_equal(mask[:, :47], before[:, :47])  # outside the margin: untouched
     assert mask[21:99, 50:89].all()  # (the opening by the cross cuts square corners)
+
+
+def test_tifffile_twin_reads_the_same_mask_as_openslide(tmp_path, monkeypatch):
+    import wsimil.mask as mask_mod
+    from wsimil.slide import tiff_twin
+    from wsimil.synth import write_synthetic_slide
+
+    path = tmp_path / "pyr.tiff"
+    write_synthetic_slide(path, width_px=4096, height_px=3072, mpp=0.5, positive=True, seed=2)
+    with open_slide(path) as s:
+        assert s.reader_name == "openslide"
+        twin = tiff_twin(s)
+        assert twin is not None and twin.level_dimensions == s.level_dimensions
+        twin.close()
+        fast, ds, rgb = two_level_mask(s, TileConfig())
+        monkeypatch.setattr(mask_mod, "tiff_twin", lambda slide: None)  # OpenSlide reads only
+        slow, ds2, _ = two_level_mask(s, TileConfig())
+    assert ds == ds2 and fast.shape == slow.shape and fast.any()
+    assert (fast & slow).sum() / (fast | slow).sum() > 0.99  # JPEG decoders round differently
+    assert rgb.shape[:2] == fast.shape  # the whole fine image was read (for the QC image)
+    png = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.fromarray(np.full((64, 64, 3), 240, np.uint8)).save(png)
+    with open_slide(png) as s:
+        assert tiff_twin(s) is None

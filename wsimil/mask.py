@@ -12,8 +12,11 @@ Reading and geometry only; the pixel rules are :mod:`wsimil.tissue`'s.
 3. The re-read blocks are cleaned at the fine pixel size (closing, opening, small regions,
    holes), seeing their surroundings; regions and holes that go on outside a block are left.
 
-Only the edge blocks are read at the fine resolution, so a slide costs about its coarse level
-plus the length of its tissue outline.
+The edge blocks are read again from the fine level with the slide's reader, so a slide costs
+about its coarse level plus the length of its tissue outline. Where reading the whole fine image
+costs no more (both grids on one pyramid level, or a TIFF-based file that tifffile decodes
+several times faster than OpenSlide, and a fine image of at most 64 MB), it is read whole, once,
+and the coarse image is reduced from it.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import TileConfig
-from .slide import Slide
+from .slide import Slide, tiff_twin
 from .tissue import clean_mask, dilate_cross, erode_cross, fit_tissue_rule
 
 MAX_COARSE_UM = 32.0
@@ -80,23 +83,30 @@ def two_level_mask(slide: Slide, cfg: TileConfig) -> tuple[np.ndarray, float, np
         Level-0 px per fine mask px.
     rgb : ndarray, shape (H, W, 3), uint8
         The largest whole image of the slide read on the way (for the QC image): the fine
-        image when the fine and coarse grids come from the same level (read once, then
-        reduced), else the coarse one.
+        image when it is read whole (then the coarse one is reduced from it): when both grids
+        come from the same level, or when tifffile reads the file (:func:`tiff_twin`), whose
+        whole-level reads cost less than OpenSlide's reads of the edge blocks; else the
+        coarse one.
     """
     from PIL import Image
 
     grid = mask_grid(slide, cfg)
     k = grid.factor
-    full = None  # the whole fine image, when reading it costs no more than the coarse one
+    full = None  # the whole fine image, when reading it costs no more than the edges
     fw, fh = grid.fine_size
-    same_level = slide.best_level_at_or_finer(grid.downsample * k) == slide.best_level_at_or_finer(
-        grid.downsample
-    )
-    if k > 1 and same_level and 3 * fw * fh <= MAX_READ_BYTES:
-        full = slide.read_downsampled(grid.fine_size)
-        rgb = np.asarray(Image.fromarray(full).reduce(k))
-    else:
-        rgb = slide.read_downsampled(grid.coarse_size)
+    twin = tiff_twin(slide)
+    try:
+        same_level = slide.best_level_at_or_finer(grid.downsample * k) == (
+            slide.best_level_at_or_finer(grid.downsample)
+        )
+        if k > 1 and (same_level or twin is not None) and 3 * fw * fh <= MAX_READ_BYTES:
+            full = _read_whole(twin or slide, grid.fine_size, grid.downsample)
+            rgb = np.asarray(Image.fromarray(full).reduce(k))
+        else:
+            rgb = (twin or slide).read_downsampled(grid.coarse_size)
+    finally:
+        if twin is not None:
+            twin.close()
     coarse_um = grid.downsample * grid.factor * slide.mpp
     rule, sig = fit_tissue_rule(
         rgb, pixel_um=coarse_um, blur_um=BLUR_UM, remove_pen=cfg.remove_pen,
@@ -213,3 +223,15 @@ def read_fine(slide: Slide, grid: MaskGrid, x: int, y: int, w: int, h: int) -> n
             region = np.asarray(Image.fromarray(region).resize((w, n), Image.Resampling.BOX))
         out[r : r + n] = region
     return out
+
+
+def _read_whole(slide: Slide, size: tuple[int, int], downsample: float) -> np.ndarray:
+    """The whole slide at ``size`` (about ``downsample`` level-0 px per px): a pyramid level of
+    that size (to within a pixel in 500) is read as it is, padded or cut to ``size`` (a resize
+    by a pixel would cost as much as the read); otherwise :meth:`Slide.read_downsampled`."""
+    level = slide.best_level_at_or_finer(downsample)
+    lw, lh = slide.level_dimensions[level]
+    w, h = size
+    if abs(lw - w) <= max(1, w // 500) and abs(lh - h) <= max(1, h // 500):
+        return slide.read_region((0, 0), level, (w, h))
+    return slide.read_downsampled(size)
