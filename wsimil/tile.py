@@ -148,7 +148,8 @@ def tile_slide(slide: Slide, cfg: TileConfig, *, mask_file: str | Path | None = 
 def write_qc_image(slide: Slide, result: dict, path: Path, *, max_px: int) -> None:
     """Thumbnail with the tissue-mask outline (green) and the kept tiles (blue boxes).
 
-    Drawn on the largest image the mask read whole (reduced to ``max_px`` when larger), so
+    Drawn on the largest image the mask read whole (reduced by a whole factor to at most
+    ``max_px`` when larger), so
     no larger level is decoded for it, unless that image is under 256 px across (or there is
     none, for a user mask): then on a thumbnail of at most ``max_px`` and no larger than the
     mask.
@@ -161,10 +162,9 @@ def write_qc_image(slide: Slide, result: dict, path: Path, *, max_px: int) -> No
     if thumb is None or max(thumb.shape[:2]) < min(256, max_px, max(mask.shape)):
         thumb, ds = slide.thumbnail(min(max_px, max(mask.shape)))
     else:
-        if max(thumb.shape[:2]) > max_px:
-            s = max_px / max(thumb.shape[:2])
-            size = (max(1, round(thumb.shape[1] * s)), max(1, round(thumb.shape[0] * s)))
-            thumb = np.asarray(Image.fromarray(thumb).resize(size, Image.Resampling.BOX))
+        if max(thumb.shape[:2]) > max_px:  # by a whole factor: quick, no resampling filter
+            f = math.ceil(max(thumb.shape[:2]) / max_px)
+            thumb = np.asarray(Image.fromarray(thumb).reduce(f))
         ds = slide.dimensions[0] / thumb.shape[1]
     img = thumb.copy()
     img[mask_outline(mask, thumb.shape[:2])] = (0, 200, 0)
