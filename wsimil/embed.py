@@ -20,6 +20,7 @@ from . import __version__
 from .config import EmbedConfig
 from .devices import pick_device
 from .earlier import before_embed
+from .jpeg_tiles import decode_packet, pick_decode
 from .layout import RunLayout
 from .manifest import mpp_override
 from .runner import SlideOutcome, SlideStage, error_outcome, run_slides
@@ -168,7 +169,15 @@ class EmbedStage(SlideStage):
             step_px_level0=int(tattrs["stride_px_level0"]),
             group_reads=self.cfg.group_reads and can_group_reads(tattrs),
             reader=pick_reader(str(row["path"]), self.cfg.reader, mpp=mpp),
+            decode=self._decode(str(row["path"]), mpp),
         )
+
+    def _decode(self, path: str, mpp) -> str:
+        """``pixels``, ``cpu`` or ``gpu`` for one slide (see :func:`wsimil.jpeg_tiles.pick_decode`)."""
+        if self.cfg.decode == "auto" and self.device != "cuda":
+            return "pixels"  # no work: the pixel path
+        same = pick_reader(path, "auto", mpp=mpp) == "tifffile"
+        return pick_decode(path, self.cfg.decode, self.device, same_pyramid=same)
 
     def where(self, job) -> str:
         return job.path if isinstance(job, SlideJob) else super().where(job)
@@ -237,7 +246,16 @@ class EmbedStage(SlideStage):
             pending = self._begin(job)
             writer = RowWriter(pending.group["features"])
         try:
-            feats = self._features(item["tiles"])
+            tiles = item["tiles"]
+            if "packet" in item:  # compressed tiles: decoded here, on the device
+                tiles = decode_packet(
+                    item["packet"],
+                    self.device,
+                    size=self.ecfg.input_px,
+                    interpolation=self.ecfg.interpolation,
+                    where=job.path,
+                )
+            feats = self._features(tiles)
             if not np.all(np.isfinite(feats)):
                 pending.abort()  # also when this was the slide's first batch
                 return SlideOutcome(
@@ -318,6 +336,8 @@ def run_embed(
     from .encoders import create_encoder
 
     device = pick_device(cfg.device)
+    if cfg.decode == "gpu" and device != "cuda":
+        raise RuntimeError("--decode gpu needs CUDA for the encoder; use --decode cpu or auto")
     if encoder is None:
         encoder = create_encoder(cfg.encoder, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint)
     stage = EmbedStage(RunLayout(out_dir), cfg, encoder, device)
