@@ -31,7 +31,10 @@ from wsimil.manifest import read_manifest
 from wsimil.slide import OpenSlideReader, SlideError, TiffReader
 from wsimil.store import open_store
 from wsimil.synth import write_synthetic_slide
+from wsimil.synth.aperio_jpeg import write_aperio_jpeg_tiff
 from wsimil.tile import run_tile
+
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
 
 CMU = Path(__file__).resolve().parents[2] / "shared" / "data" / "slides" / "cmu_small_region.svs"
 TILE = TileConfig(target_mpp=1.0, tile_px=128)
@@ -89,35 +92,46 @@ def test_gather_gives_the_same_tiles_as_block_copies(slide):
     reader.close()
 
 
+def test_aperio_layout_tables_and_rgb_coded_jpeg_match_openslide(slide, tmp_path):
+    """Photometric RGB, RGB samples without colour markers, tables in JPEGTables (as SVS)."""
+    from torchvision.io import decode_jpeg
+
+    with TiffReader(slide) as t:
+        image = t.read_region((0, 0), 0, (1000, 700))
+    path = write_aperio_jpeg_tiff(tmp_path / "aperio.tiff", image, tile_px=240)
+    levels = jpeg_levels(path)
+    assert levels is not None and levels[0].tables and levels[0].transform == 0
+    reader = JpegTileReader(path, levels)
+    coords = _coords(1000, 700, 16, seed=2)
+    with OpenSlideReader(path) as osr:
+        ref = np.stack([osr.read_region(tuple(map(int, c)), 0, (224, 224)) for c in coords])
+    _agree(decode_packet(reader.packet(coords, 0, 224), "cpu", size=224).numpy(), ref)
+    reader.close()
+
+    # Read naively (tables + tile, no Adobe marker), the RGB samples are taken for YCbCr.
+    lv = levels[0]
+    with open(path, "rb") as fh:
+        fh.seek(int(lv.offsets[0]))
+        raw = fh.read(int(lv.counts[0]))
+    good = decode_jpeg(_u8(splice_stream(raw, lv.tables, 0, "x")))
+    bad = decode_jpeg(_u8(lv.tables[:-2] + raw[2:]))
+    assert (good.int() - bad.int()).abs().float().mean() > 10
+
+
+def _u8(data: bytes):
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
 @pytest.mark.skipif(not CMU.exists(), reason=f"real H&E slide not present at {CMU}")
-def test_real_svs_tables_and_rgb_coded_jpeg_match_openslide():
+def test_real_svs_matches_openslide():
     levels = jpeg_levels(CMU)
     assert levels is not None and levels[0].tables and levels[0].transform == 0  # Aperio: RGB
     reader = JpegTileReader(CMU, levels)
-    coords = _coords(*CMU_DIMS(), 16, seed=2)
     with OpenSlideReader(CMU) as osr:
+        coords = _coords(*osr.dimensions, 16, seed=2)
         ref = np.stack([osr.read_region(tuple(map(int, c)), 0, (224, 224)) for c in coords])
     _agree(decode_packet(reader.packet(coords, 0, 224), "cpu", size=224).numpy(), ref)
-
-    # Without the Adobe marker a decoder takes the RGB samples for YCbCr: the colours are off.
-    from torchvision.io import decode_jpeg
-
-    lv = levels[0]
-    with open(CMU, "rb") as fh:
-        fh.seek(int(lv.offsets[0]))
-        raw = fh.read(int(lv.counts[0]))
-    good = decode_jpeg(
-        torch.frombuffer(bytearray(splice_stream(raw, lv.tables, 0, "x")), dtype=torch.uint8)
-    )
-    naive = lv.tables[:-2] + raw[2:]
-    bad = decode_jpeg(torch.frombuffer(bytearray(naive), dtype=torch.uint8))
-    assert (good.int() - bad.int()).abs().float().mean() > 10
     reader.close()
-
-
-def CMU_DIMS():
-    with TiffReader(CMU) as t:
-        return t.dimensions
 
 
 def test_non_jpeg_tiff_keeps_the_pixel_path(tmp_path):
