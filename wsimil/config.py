@@ -81,9 +81,9 @@ class EmbedConfig(_Section):
         "auto",
         description="tile reader of the workers (auto: tifffile for TIFF pyramids it reads like OpenSlide)",
     )
-    decode: Literal["auto", "cpu", "gpu"] = Field(
+    decode: Literal["auto", "pixels", "cpu", "gpu"] = Field(
         "auto",
-        description="JPEG TIFF pyramids: workers read compressed tiles, decoded in the workers (cpu) or in batches on the GPU (gpu); auto: gpu on CUDA, else the reader's pixels",
+        description="JPEG TIFF pyramids: workers read compressed tiles, decoded in the workers (cpu) or in batches on the GPU (gpu); pixels: the reader's pixels; auto: gpu on CUDA, else pixels",
     )
     precision: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="autocast dtype (auto: the encoder's on CUDA, float32 on CPU)"

@@ -174,8 +174,8 @@ class EmbedStage(SlideStage):
 
     def _decode(self, path: str, mpp) -> str:
         """``pixels``, ``cpu`` or ``gpu`` for one slide (see :func:`wsimil.jpeg_tiles.pick_decode`)."""
-        if self.cfg.decode == "auto" and self.device != "cuda":
-            return "pixels"  # no work: the pixel path
+        if self.cfg.decode == "pixels" or (self.cfg.decode == "auto" and self.device != "cuda"):
+            return "pixels"
         same = pick_reader(path, "auto", mpp=mpp) == "tifffile"
         return pick_decode(path, self.cfg.decode, self.device, same_pyramid=same)
 

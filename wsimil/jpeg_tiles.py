@@ -332,11 +332,12 @@ def pick_decode(path: str, choice: str, device: str, *, same_pyramid: bool) -> s
 
     ``cpu`` / ``gpu`` take the compressed-tile path for JPEG TIFF pyramids whose levels
     tifffile sees as OpenSlide does (``same_pyramid``); ``auto`` takes ``gpu`` when the
-    encoder runs on CUDA. Any other slide keeps the pixel path, without an error.
+    encoder runs on CUDA, ``pixels`` never. Any other slide keeps the pixel path, without an
+    error.
     """
     if choice == "gpu" and device != "cuda":
         raise ValueError("--decode gpu needs the encoder on CUDA (--device cuda or auto on a GPU)")
-    if choice == "auto" and device != "cuda":
+    if choice == "pixels" or (choice == "auto" and device != "cuda"):
         return "pixels"
     if not same_pyramid or Path(path).suffix.lower() not in {".tif", ".tiff", ".svs", ".btf"}:
         return "pixels"
