@@ -243,3 +243,15 @@ def test_gpu_mode_batches_carry_packets_the_main_process_decodes(slide, tmp_path
         out[decode] = torch.cat([i["tiles"] for i in items]).numpy()
     assert out["gpu"].shape == (41, 224, 224, 3)
     np.testing.assert_array_equal(out["gpu"], out["cpu"])
+
+
+def test_loader_workers_follow_the_usable_cpus(monkeypatch):
+    from wsimil.devices import loader_workers, usable_cpus
+
+    assert usable_cpus() == len(os.sched_getaffinity(0))
+    assert loader_workers(3, "cuda") == 3 and loader_workers(0, "cpu") == 0
+    assert loader_workers(None, "cpu") == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))  # a big node
+    assert loader_workers(None, "cuda") == 16
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})  # a 4-CPU Slurm job
+    assert loader_workers(None, "cuda") == 3

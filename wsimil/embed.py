@@ -18,7 +18,7 @@ import pandas as pd
 
 from . import __version__
 from .config import EmbedConfig
-from .devices import pick_device
+from .devices import loader_workers, pick_device
 from .earlier import before_embed
 from .jpeg_tiles import decode_packet, pick_decode
 from .layout import RunLayout
@@ -280,7 +280,7 @@ class EmbedStage(SlideStage):
             input_px=self.ecfg.input_px,
             interpolation=self.ecfg.interpolation,
         )
-        workers = self.cfg.num_workers
+        workers = loader_workers(self.cfg.num_workers, self.device)
         return torch.utils.data.DataLoader(
             dataset,
             batch_size=None,
