@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import math
 import os
+import resource
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process and its joined children (the loader workers)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def base_dir(args) -> Path:
@@ -125,12 +133,12 @@ def mode_model(args, encoder: str, _n: int) -> dict:
     with torch.inference_mode():
         for _ in range(1 if args.quick else 3):
             step()
-        n, t0 = 0, time.perf_counter()
+        n, t0, c0 = 0, time.perf_counter(), cpu_seconds()
         while n < min_batches or time.perf_counter() - t0 < min_s:
             step()
             n += 1
         dt = time.perf_counter() - t0
-    return {"tiles": n * b, "seconds": dt}
+    return {"tiles": n * b, "seconds": dt, "cpu_s": cpu_seconds() - c0}
 
 
 def _e2e(args, encoder: str, n_tiles: int, decode: str) -> dict:
@@ -151,13 +159,18 @@ def _e2e(args, encoder: str, n_tiles: int, decode: str) -> dict:
         warm, wdf = copies_run(args, f"warm_{decode}", 1)
         run_embed(wdf.iloc[:1], warm, cfg, encoder=enc)
     run, df = copies_run(args, f"e2e_{decode}", max(n_tiles, 1))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     res = run_embed(df, run, cfg, encoder=enc)
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     if not (res.status == "ok").all():
         bad = res[res.status != "ok"]
         raise RuntimeError(f"{len(bad)} slides failed: {bad.message.iloc[0]}")
-    return {"tiles": int(res.n_tiles.sum()), "seconds": dt, "note": f"{len(df)} slide ids"}
+    return {
+        "tiles": int(res.n_tiles.sum()),
+        "seconds": dt,
+        "cpu_s": cpu,
+        "note": f"{len(df)} slide ids",
+    }
 
 
 def mode_e2e_pixels(args, encoder: str, n: int) -> dict:
@@ -220,13 +233,14 @@ def mode_baseline(args, encoder: str, n_tiles: int) -> dict:
         pin_memory=args.device == "cuda",
     )
     amp = _amp(args)
-    total, t0 = 0, time.perf_counter()
+    total, t0, c0 = 0, time.perf_counter(), cpu_seconds()
     with torch.inference_mode():
         for batch in dl:
             with torch.autocast(args.device, dtype=amp or torch.float32, enabled=amp is not None):
                 enc(batch.to(args.device, non_blocking=True)).float().cpu()
             total += len(batch)
-    return {"tiles": total, "seconds": time.perf_counter() - t0}
+    del dl  # its workers are joined (their CPU time counted)
+    return {"tiles": total, "seconds": time.perf_counter() - t0, "cpu_s": cpu_seconds() - c0}
 
 
 MODES = {

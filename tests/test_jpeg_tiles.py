@@ -222,6 +222,19 @@ def test_decode_cpu_corrupt_tile_fails_that_slide_only(tmp_path):
     assert "s0.tiff" in msg and "corrupt JPEG tile" in msg and "\n" not in msg
     assert not (tmp_path / "features" / "efficientnet_lite0" / "s0.zarr").exists()
 
+    # s1 shared batches with the failing s0: its features are routed back whole and in order.
+    alone = tmp_path / "alone"
+    (alone / "tiles").mkdir(parents=True)
+    os.symlink(tmp_path / "tiles" / "s1.zarr", alone / "tiles" / "s1.zarr")
+    cfg = EmbedConfig(encoder="efficientnet_lite0", num_workers=0, batch_size=7, decode="cpu")
+    assert run_embed(df.iloc[1:], alone, cfg).status.tolist() == ["ok"]
+    np.testing.assert_allclose(
+        _features(tmp_path, "s1").astype(np.float32),
+        _features(alone, "s1").astype(np.float32),
+        rtol=1e-2,
+        atol=1e-3,
+    )
+
 
 def test_gpu_mode_batches_carry_packets_the_main_process_decodes(slide, tmp_path):
     """``decode="gpu"`` workers send compressed batches; decoded (here on the CPU) they equal
@@ -235,7 +248,8 @@ def test_gpu_mode_batches_carry_packets_the_main_process_decodes(slide, tmp_path
     for decode in ("gpu", "cpu"):
         job = SlideJob("s", str(slide), None, coords, 0, 256, {}, decode=decode)
         data = TileBatches([job], batch_size=16, input_px=224)
-        items = list(DataLoader(data, batch_size=None, num_workers=1 if decode == "gpu" else 0))
+        loader = DataLoader(data, batch_size=None, num_workers=1 if decode == "gpu" else 0)
+        items = [part for item in loader for part in item["parts"]]
         assert [i["error"] for i in items] == ["", "", ""]
         if decode == "gpu":
             assert all(i["tiles"].numel() == 0 and "packet" in i for i in items)
@@ -255,3 +269,18 @@ def test_loader_workers_follow_the_usable_cpus(monkeypatch):
     assert loader_workers(None, "cuda") == 16
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})  # a 4-CPU Slurm job
     assert loader_workers(None, "cuda") == 3
+
+
+def test_batches_span_slides_in_order():
+    from wsimil.tile_reader import batch_parts
+
+    assert batch_parts([5, 0, 3, 10], 4) == [
+        [(0, 0, 4)], [(0, 4, 1), (2, 0, 3)], [(3, 0, 4)], [(3, 4, 4)], [(3, 8, 2)]
+    ]  # fmt: skip
+    assert batch_parts([5, 3], 4, cross_slide=False) == [[(0, 0, 4)], [(0, 4, 1)], [(1, 0, 3)]]
+    parts = [p for b in batch_parts([7, 1, 9, 2], 5) for p in b]
+    assert all(sum(n for *_, n in b) == 5 for b in batch_parts([7, 1, 9, 2], 5)[:-1])
+    for j, size in enumerate([7, 1, 9, 2]):  # every tile once, in order
+        mine = [(s, n) for k, s, n in parts if k == j]
+        assert [s for s, _ in mine] == list(np.cumsum([0] + [n for _, n in mine])[:-1])
+        assert sum(n for _, n in mine) == size

@@ -10,7 +10,6 @@ share the loader, so batches stay full); each ends with its own status line.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from . import __version__
 from .config import EmbedConfig
 from .devices import loader_workers, pick_device
 from .earlier import before_embed
+from .embed_books import SlideBooks
 from .jpeg_tiles import decode_packet, pick_decode
 from .layout import RunLayout
 from .manifest import mpp_override
@@ -27,7 +27,6 @@ from .runner import SlideOutcome, SlideStage, error_outcome, run_slides
 from .slide import SlideError
 from .store import (
     PendingStore,
-    RowWriter,
     config_hash,
     open_store,
     store_attrs,
@@ -207,69 +206,61 @@ class EmbedStage(SlideStage):
 
     def _embed(self, jobs: list[SlideJob]):
         """Run the loader over ``jobs``; yield (index, outcome) as each slide completes or fails."""
-        open_stores: dict[int, tuple[PendingStore, RowWriter]] = {}
-        failed: set[int] = set()
-        started: dict[int, float] = {}
+        books = SlideBooks(jobs, self._begin)
         try:
             for item in self._loader(jobs):
-                j = item["job"]
-                started.setdefault(j, time.perf_counter())
-                if j in failed:
-                    continue
-                try:
-                    outcome = self._take_batch(jobs[j], item, open_stores.get(j))
-                except (
-                    Exception
-                ) as exc:  # e.g. a full disk: this slide fails, maybe the stage stops
-                    outcome = error_outcome(exc, jobs[j].path, self.folder.path)
-                if isinstance(outcome, tuple):  # the slide goes on: its open store
-                    open_stores[j] = outcome
-                    continue
-                current = open_stores.pop(j, None)
-                if outcome.status == "error":
-                    failed.add(j)
-                    if current is not None:
-                        current[0].abort()
-                else:
-                    outcome.values["seconds"] = time.perf_counter() - started[j]
-                yield j, outcome
+                yield from self._take_batch(jobs, item["parts"], books)
         finally:
-            for pending, _ in open_stores.values():
-                pending.abort()
+            books.abort_all()
 
-    def _take_batch(self, job: SlideJob, item: dict, current):
-        """Write one batch of ``job``'s features; an outcome when the slide ends, else its store."""
-        if item["error"]:
-            return SlideOutcome("error", item["error"])
-        pending, writer = current or (None, None)
-        if pending is None:
-            pending = self._begin(job)
-            writer = RowWriter(pending.group["features"])
+    def _take_batch(self, jobs: list[SlideJob], parts: list[dict], books: SlideBooks):
+        """One batch (parts of one or more slides): features computed once, routed per slide.
+
+        Yields (index, outcome) for each slide that ends or fails with this batch. A part that
+        failed to read, or to decode, fails its slide only; an error of the model or of writing
+        fails the slides it touched (a full disk stops the stage).
+        """
+        good = []  # (slide index, tiles)
+        for part in parts:
+            j = part["job"]
+            if not books.start(j):
+                continue
+            if part["error"]:
+                yield j, books.fail(j, SlideOutcome("error", part["error"]))
+                continue
+            try:
+                good.append((j, self._device_tiles(jobs[j], part)))
+            except Exception as exc:
+                yield j, books.fail(j, error_outcome(exc, jobs[j].path, self.folder.path))
+        if not good:
+            return
         try:
-            tiles = item["tiles"]
-            if "packet" in item:  # compressed tiles: decoded here, on the device
-                tiles = decode_packet(
-                    item["packet"],
-                    self.device,
-                    size=self.ecfg.input_px,
-                    interpolation=self.ecfg.interpolation,
-                    where=job.path,
-                )
-            feats = self._features(tiles)
-            if not np.all(np.isfinite(feats)):
-                pending.abort()  # also when this was the slide's first batch
-                return SlideOutcome(
-                    "error", f"{job.path}: non-finite features; check the encoder and its weights"
-                )
-            writer.append(feats.astype(np.float16))
-            if writer.rows < len(job.coords):
-                return pending, writer
-            writer.flush()
-            pending.commit()
-        except BaseException:
-            pending.abort()  # no partial store is left behind, whatever failed
-            raise
-        return SlideOutcome("ok", "", {"n_tiles": len(job.coords)})
+            feats = self._features(_concat([t for _, t in good], self.device))
+        except Exception as exc:  # e.g. out of memory: the slides of this batch fail
+            for j, _ in good:
+                yield j, books.fail(j, error_outcome(exc, jobs[j].path, self.folder.path))
+            return
+        row = 0
+        for j, tiles in good:
+            try:
+                outcome = books.write(j, feats[row : row + len(tiles)])
+            except Exception as exc:  # e.g. a full disk: this slide fails, maybe the stage stops
+                outcome = books.fail(j, error_outcome(exc, jobs[j].path, self.folder.path))
+            row += len(tiles)
+            if outcome is not None:
+                yield j, outcome
+
+    def _device_tiles(self, job: SlideJob, part: dict):
+        """A part's (n, S, S, 3) uint8 tiles; compressed ones are decoded here, on the device."""
+        if "packet" not in part:
+            return part["tiles"]
+        return decode_packet(
+            part["packet"],
+            self.device,
+            size=self.ecfg.input_px,
+            interpolation=self.ecfg.interpolation,
+            where=job.path,
+        )
 
     def _loader(self, jobs: list[SlideJob]):
         import torch
@@ -313,6 +304,15 @@ class EmbedStage(SlideStage):
             else:
                 f = self._model(x)
             return f.float().cpu().numpy()
+
+
+def _concat(tiles: list, device: str):
+    """One batch of tiles on ``device`` (a single part is passed as it is)."""
+    import torch
+
+    if len(tiles) == 1:
+        return tiles[0]
+    return torch.cat([t.to(device, non_blocking=True) for t in tiles])
 
 
 def run_embed(

@@ -37,13 +37,16 @@ class SlideJob:
 
 
 class TileBatches:
-    """Map-style dataset whose item ``i`` is one batch of tiles of one slide.
+    """Map-style dataset whose item ``i`` is one batch of ``batch_size`` tiles, across slides.
 
-    Each item is a dict: ``job`` (index into ``jobs``), ``start`` (first tile index), ``tiles``
-    uint8 tensor (B, S, S, 3) and ``error`` ('' or a one-line message); for a ``decode="gpu"``
-    job, ``tiles`` is empty and ``packet`` holds the compressed batch
-    (:meth:`wsimil.jpeg_tiles.JpegTileReader.packet`, decoded by the main process). Read errors
-    are returned, not raised, so one corrupt slide does not stop the loader.
+    Each item is ``{"parts": [...]}``, one part per slide of the batch in order (a batch takes
+    the next tiles of the window's slides, so small slides still fill batches; ``cross_slide``
+    off: every batch holds one slide). A part is a dict: ``job`` (index into ``jobs``),
+    ``start`` (its first tile index in the slide), ``tiles`` uint8 tensor (n, S, S, 3) and
+    ``error`` ('' or a one-line message); for a ``decode="gpu"`` job, ``tiles`` is empty and
+    ``packet`` holds the compressed tiles (:meth:`wsimil.jpeg_tiles.JpegTileReader.packet`,
+    decoded by the main process). Read errors are returned, not raised, so one corrupt slide
+    does not stop the loader.
     """
 
     def __init__(
@@ -53,13 +56,12 @@ class TileBatches:
         batch_size: int,
         input_px: int,
         interpolation: str = "bilinear",
+        cross_slide: bool = True,
     ):
         self.jobs = jobs
         self.input_px = input_px
         self.interpolation = interpolation
-        self.items = [
-            (j, s) for j, job in enumerate(jobs) for s in range(0, len(job.coords), batch_size)
-        ]
+        self.items = batch_parts([len(job.coords) for job in jobs], batch_size, cross_slide)
         self.batch_size = batch_size
         self._open: tuple[int, object] | None = None  # per-process slide handle
 
@@ -75,11 +77,13 @@ class TileBatches:
         return self._open[1]
 
     def __getitem__(self, i: int) -> dict:
+        return {"parts": [self._part(j, start, n) for j, start, n in self.items[i]]}
+
+    def _part(self, j: int, start: int, n: int) -> dict:
         import torch
 
-        j, start = self.items[i]
         job = self.jobs[j]
-        coords = job.coords[start : start + self.batch_size]
+        coords = job.coords[start : start + n]
         try:
             if job.decode != "pixels":
                 return self._compressed(j, start, coords)
@@ -98,7 +102,7 @@ class TileBatches:
         return {"job": j, "start": start, "tiles": torch.from_numpy(tiles), "error": ""}
 
     def _compressed(self, j: int, start: int, coords: np.ndarray) -> dict:
-        """A batch of compressed tiles: decoded here (``cpu``) or by the main process (``gpu``)."""
+        """Compressed tiles: decoded here (``cpu``) or by the main process (``gpu``)."""
         import torch
 
         job = self.jobs[j]
@@ -111,6 +115,29 @@ class TileBatches:
                 packet, "cpu", size=self.input_px, interpolation=self.interpolation, where=job.path
             ).contiguous()
         return item
+
+
+def batch_parts(sizes: list[int], batch_size: int, cross_slide: bool = True) -> list[list]:
+    """Batches of ``batch_size`` tiles over slides of ``sizes`` tiles, in order.
+
+    Returns
+    -------
+    list of batches, each a list of (slide index, first tile, n tiles); every batch but the
+    last holds ``batch_size`` tiles when ``cross_slide``, else each batch holds one slide.
+    """
+    batches, current, room = [], [], batch_size
+    for j, size in enumerate(sizes):
+        start = 0
+        while start < size:
+            n = min(room, size - start)
+            current.append((j, start, n))
+            start, room = start + n, room - n
+            if room == 0 or (not cross_slide and start == size):
+                batches.append(current)
+                current, room = [], batch_size
+    if current:
+        batches.append(current)
+    return batches
 
 
 def _open_handle(job: SlideJob):
