@@ -66,8 +66,8 @@ def parse(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--max-tiles", type=int, default=60_000, help="most tiles of one e2e mode")
     p.add_argument("--baseline-tiles", type=int, default=3000, help="tiles of the baseline")
-    p.add_argument("--mode-timeout", type=int, default=150, help="seconds per mode")
-    p.add_argument("--budget-s", type=float, default=450, help="no mode starts after this")
+    p.add_argument("--mode-timeout", type=int, default=120, help="seconds per mode")
+    p.add_argument("--budget-s", type=float, default=400, help="no mode starts after this")
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     import torch
@@ -158,16 +158,22 @@ def environment(args) -> dict:
 
 
 def run_all(args) -> dict:
+    """Every mode of every encoder; the files are rewritten after each (a kill leaves them)."""
     t_start = time.perf_counter()
-    report = {"environment": environment(args), "encoders": {}, "notes": []}
+    report = {"environment": environment(args), "encoders": {}, "cohort": "", "seconds": 0.0}
+    report["decode_check"] = {}
     prepare(args)
     report["cohort"] = cohort_rows(args)
     report["decode_check"] = decode_check(args)
+    print(f"[gpu_check] decode check: {report['decode_check']}", file=sys.stderr)
     modes = ["model", "e2e_pixels", "e2e_cpu", "e2e_gpu", "baseline"]
     for encoder in args.encoders.split(","):
         rows: dict[str, dict] = {}
         n_e2e = 0
+        report["encoders"][encoder] = rows
         for mode in modes:
+            report["seconds"] = time.perf_counter() - t_start
+            write(args, report)
             if mode == "e2e_gpu" and args.device != "cuda":
                 rows[mode] = {"skipped": "no CUDA device: --decode gpu not measured"}
                 continue
@@ -179,14 +185,22 @@ def run_all(args) -> dict:
             if mode == "model":
                 tps = rows[mode].get("tiles_per_s", 0.0)
                 n_e2e = int(min(args.max_tiles, max(args.batch_size, tps * args.e2e_seconds)))
+            model_tps = rows["model"].get("tiles_per_s")
+            if model_tps and "tiles_per_s" in rows[mode]:
+                rows[mode]["ratio_to_model"] = rows[mode]["tiles_per_s"] / model_tps
             print(f"[gpu_check] {encoder} {mode}: {_cell(rows[mode])}", file=sys.stderr)
-        model_tps = rows["model"].get("tiles_per_s")
-        for r in rows.values():
-            if model_tps and "tiles_per_s" in r:
-                r["ratio_to_model"] = r["tiles_per_s"] / model_tps
-        report["encoders"][encoder] = rows
     report["seconds"] = time.perf_counter() - t_start
+    write(args, report)
     return report
+
+
+def write(args, report: dict) -> str:
+    """Write ``gpu_check.json`` and ``gpu_check.md`` to ``args.out``; returns the markdown."""
+    out = Path(args.out)
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
+    text = markdown(report)
+    (out / "gpu_check.md").write_text(text)
+    return text
 
 
 def _cell(r: dict) -> str:
@@ -235,10 +249,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = run_all(args)
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
-    text = markdown(report)
-    (out / "gpu_check.md").write_text(text)
-    print(text)
+    print(markdown(report))
     failed = [
         f"{e} {m}"
         for e, rows in report["encoders"].items()

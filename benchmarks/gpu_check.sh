@@ -6,7 +6,8 @@
 #
 # Writes OUT/gpu_check.json and OUT/gpu_check.md and prints the table. Exit status 1 when a
 # mode failed or decoded tiles disagree with OpenSlide; the whole run is killed after
-# GPU_CHECK_TIMEOUT seconds (default 900).
+# GPU_CHECK_TIMEOUT seconds (default 570: inside a 10-minute job limit; the files are
+# rewritten after every mode, so a killed run still leaves its table so far).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "$here")"
@@ -19,4 +20,4 @@ if [ -z "$py" ]; then
     if [ -x "$root/.venv/bin/python" ]; then py="$root/.venv/bin/python"; else py="python3"; fi
 fi
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
-exec timeout --kill-after=15 "${GPU_CHECK_TIMEOUT:-900}" "$py" "$here/gpu_check.py" "$@"
+exec timeout --kill-after=15 "${GPU_CHECK_TIMEOUT:-570}" "$py" "$here/gpu_check.py" "$@"

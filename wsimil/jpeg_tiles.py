@@ -180,7 +180,8 @@ class JpegTileReader:
         ``grid`` (B, gy, gx) int32 slot of the stored tile at each grid cell of a requested
         tile (-1: outside the level), ``origin`` (B, 2) int32 (y, x) of the tile inside its
         first stored tile, ``box`` (B, 2) int32 level pixels (y, x) of the tile's corner, and
-        ``meta`` (read_px, tile_h, tile_w, height, width) of the level.
+        ``meta`` (read_px, tile_h, tile_w, height, width) of the level and its colour
+        ``transform`` (1,).
         """
         lv = self.levels[level]
         ds = lv_downsample(self.levels, level)
@@ -209,6 +210,7 @@ class JpegTileReader:
             "origin": origin.T.astype(np.int32),
             "box": np.stack([y0, x0], 1).astype(np.int32),
             "meta": np.array([read_px, lv.tile_h, lv.tile_w, lv.height, lv.width], np.int64),
+            "transform": np.array([lv.transform], np.int64),
         }
 
 
@@ -218,42 +220,92 @@ def lv_downsample(levels: list[JpegLevel], level: int) -> float:
 
 
 def decode_packet(
-    packet: dict, device: str, *, size: int, interpolation: str = "bilinear", where: str = ""
+    packet: dict,
+    device: str,
+    *,
+    size: int,
+    interpolation: str = "bilinear",
+    where: str = "",
+    guard: bool = True,
 ):
     """Decode a :meth:`JpegTileReader.packet` on ``device``: (B, size, size, 3) uint8 tiles.
+
+    ``guard``: on CUDA, the first stream of each colour transform is also decoded on the CPU
+    (libjpeg-turbo, as OpenSlide); should the GPU decoder disagree (mean difference of 2 grey
+    levels or more, e.g. RGB-coded JPEG read as YCbCr), streams of that transform are decoded
+    on the CPU from then on, with one warning, and the tiles still go to ``device``.
 
     Raises
     ------
     SlideError
         A stream the decoder refuses (one line naming ``where``, the slide file).
     """
-    import warnings
-
     import torch
-    from torchvision.io import ImageReadMode, decode_jpeg
 
     data = torch.as_tensor(packet["data"])  # a worker's (pinned) tensor, or numpy
     packet = {k: np.asarray(v) for k, v in packet.items() if k != "data"}  # host tensors: views
     r, th, tw, lh, lw = (int(v) for v in packet["meta"])
     streams = list(torch.split(data, [int(n) for n in packet["lengths"]]))
-    try:
-        with warnings.catch_warnings():  # torchvision 0.29 points to TorchCodec; pinned here
-            warnings.simplefilter("ignore", DeprecationWarning)
-            imgs = decode_jpeg(streams, mode=ImageReadMode.RGB, device=device) if streams else []
-    except RuntimeError as exc:
-        line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        line = line.rsplit(".cpp:", 1)[-1].split(", ", 1)[-1]  # torchvision's source location
-        raise SlideError(f"{where}: corrupt JPEG tile: {line}") from exc
-    white = torch.full((3, th, tw), 255, dtype=torch.uint8, device=torch.device(device))
+    on = device
+    if guard and streams and torch.device(device).type == "cuda":
+        transform = int(packet.get("transform", [1])[0])
+        on = device if _gpu_agrees(streams[0], transform, device, where) else "cpu"
+    imgs = _decode(streams, on, where)
+    white = torch.full((3, th, tw), 255, dtype=torch.uint8, device=torch.device(on))
     stored = torch.stack([_fit(img, th, tw, white) for img in imgs] + [white])
     stored = stored.permute(0, 2, 3, 1).contiguous()  # (U + 1, th, tw, 3), the last one white
     if stored.device.type == "cpu":
-        tiles = torch.from_numpy(assemble(stored.numpy(), packet))
+        tiles = torch.from_numpy(assemble(stored.numpy(), packet)).to(device)
     else:
         tiles = gather(
             stored, {k: torch.as_tensor(packet[k]) for k in ("grid", "origin", "box")}, r, lh, lw
         )
     return resize_tiles(tiles, size, interpolation)
+
+
+def _decode(streams: list, device: str, where: str) -> list:
+    """torchvision's batch JPEG decoder; a refused stream is a one-line SlideError."""
+    import warnings
+
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    if not streams:
+        return []
+    try:
+        with warnings.catch_warnings():  # torchvision 0.29 points to TorchCodec; pinned here
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return decode_jpeg(streams, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError as exc:
+        line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        line = line.rsplit(".cpp:", 1)[-1].split(", ", 1)[-1]  # torchvision's source location
+        raise SlideError(f"{where}: corrupt JPEG tile: {line}") from exc
+
+
+_GPU_AGREES: dict[tuple[int, str], bool] = {}  # (colour transform, device) -> GPU decoder agrees
+
+
+def _gpu_agrees(stream, transform: int, device: str, where: str) -> bool:
+    """Whether the GPU decoder reads streams of ``transform`` as the CPU decoder does."""
+    key = (transform, device)
+    if key not in _GPU_AGREES:
+        try:
+            gpu = _decode([stream], device, where)[0].cpu().int()
+            cpu = _decode([stream], "cpu", where)[0].int()
+        except SlideError:
+            return True  # a corrupt stream: the batch decode reports it
+        agrees = gpu.shape == cpu.shape and float((gpu - cpu).abs().float().mean()) < 2.0
+        _GPU_AGREES[key] = agrees
+        if not agrees:
+            import warnings
+
+            kind = "RGB" if transform == 0 else "YCbCr"
+            warnings.warn(
+                f"the GPU JPEG decoder reads {kind}-coded tiles unlike OpenSlide; "
+                "decoding those on the CPU",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return _GPU_AGREES[key]
 
 
 def resize_tiles(tiles, size: int, interpolation: str = "bilinear"):
