@@ -15,11 +15,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import __version__
 from .config import EmbedConfig
 from .devices import loader_workers, pick_device
 from .earlier import before_embed
-from .embed_books import SlideBooks
+from .embed_books import SlideBooks, begin_feature_store
 from .jpeg_tiles import decode_packet, pick_decode
 from .layout import RunLayout
 from .manifest import mpp_override
@@ -31,7 +30,6 @@ from .store import (
     open_store,
     store_attrs,
     store_status,
-    zstd_compressors,
 )
 from .tile_reader import (  # noqa: F401 - re-exported for callers of the embed stage
     SlideJob,
@@ -196,7 +194,7 @@ class EmbedStage(SlideStage):
                 yield work[k], outcome
 
     def _begin(self, job: SlideJob) -> PendingStore:
-        return _begin_store(
+        return begin_feature_store(
             self.outputs({"slide_id": job.slide_id})[0],
             job,
             self.ecfg.feature_dim,
@@ -205,20 +203,29 @@ class EmbedStage(SlideStage):
         )
 
     def _embed(self, jobs: list[SlideJob]):
-        """Run the loader over ``jobs``; yield (index, outcome) as each slide completes or fails."""
+        """Run the loader over ``jobs``; yield (index, outcome) as each slide completes or fails.
+
+        One batch is in flight: its features come back to the host (pinned memory,
+        non-blocking on CUDA) while the next batch is decoded and launched, then are written.
+        """
         books = SlideBooks(jobs, self._begin)
+        in_flight = None
         try:
             for item in self._loader(jobs):
-                yield from self._take_batch(jobs, item["parts"], books)
+                launched = yield from self._launch(jobs, item["parts"], books)
+                if in_flight is not None:
+                    yield from self._land(jobs, in_flight, books)
+                in_flight = launched
+            if in_flight is not None:
+                yield from self._land(jobs, in_flight, books)
         finally:
             books.abort_all()
 
-    def _take_batch(self, jobs: list[SlideJob], parts: list[dict], books: SlideBooks):
-        """One batch (parts of one or more slides): features computed once, routed per slide.
+    def _launch(self, jobs: list[SlideJob], parts: list[dict], books: SlideBooks):
+        """Start one batch (parts of one or more slides); returns what :meth:`_land` writes.
 
-        Yields (index, outcome) for each slide that ends or fails with this batch. A part that
-        failed to read, or to decode, fails its slide only; an error of the model or of writing
-        fails the slides it touched (a full disk stops the stage).
+        Yields (index, outcome) for slides that fail here: a part that failed to read or
+        decode fails its slide only; an error of the model fails the slides of the batch.
         """
         good = []  # (slide index, tiles)
         for part in parts:
@@ -233,20 +240,33 @@ class EmbedStage(SlideStage):
             except Exception as exc:
                 yield j, books.fail(j, error_outcome(exc, jobs[j].path, self.folder.path))
         if not good:
-            return
+            return None
         try:
-            feats = self._features(_concat([t for _, t in good], self.device))
+            host, event = self._features(_concat([t for _, t in good], self.device))
         except Exception as exc:  # e.g. out of memory: the slides of this batch fail
             for j, _ in good:
                 yield j, books.fail(j, error_outcome(exc, jobs[j].path, self.folder.path))
+            return None
+        return [(j, len(t)) for j, t in good], host, event
+
+    def _land(self, jobs: list[SlideJob], launched, books: SlideBooks):
+        """Write a launched batch's features to each slide's store, in order; yield outcomes."""
+        routes, host, event = launched
+        try:
+            if event is not None:
+                event.synchronize()
+            feats = host.numpy()
+        except Exception as exc:  # an asynchronous CUDA error surfaces here
+            for j, _ in routes:
+                yield j, books.fail(j, error_outcome(exc, jobs[j].path, self.folder.path))
             return
         row = 0
-        for j, tiles in good:
+        for j, n in routes:
             try:
-                outcome = books.write(j, feats[row : row + len(tiles)])
+                outcome = books.write(j, feats[row : row + n])
             except Exception as exc:  # e.g. a full disk: this slide fails, maybe the stage stops
                 outcome = books.fail(j, error_outcome(exc, jobs[j].path, self.folder.path))
-            row += len(tiles)
+            row += n
             if outcome is not None:
                 yield j, outcome
 
@@ -283,8 +303,12 @@ class EmbedStage(SlideStage):
             persistent_workers=False,
         )
 
-    def _features(self, tiles) -> np.ndarray:
-        """(B, S, S, 3) uint8 tiles -> (B, D) float32 features on the host."""
+    def _features(self, tiles):
+        """(B, S, S, 3) uint8 tiles -> (B, D) float32 features for the host, and a CUDA event.
+
+        On CUDA the copy to the host is queued (into one of two pinned buffers) and the event
+        says when it is done; on the CPU the features are there and the event is None.
+        """
         import torch
 
         from .encoders import normalise
@@ -303,7 +327,19 @@ class EmbedStage(SlideStage):
                     f = self._model(x)
             else:
                 f = self._model(x)
-            return f.float().cpu().numpy()
+            f = f.float()
+            if f.device.type != "cuda":
+                return f, None
+            self._flip = 1 - getattr(self, "_flip", 0)
+            buffers = getattr(self, "_host", None) or [None, None]
+            if buffers[self._flip] is None or buffers[self._flip].shape[0] < len(f):
+                buffers[self._flip] = torch.empty(f.shape, dtype=f.dtype, pin_memory=True)
+            self._host = buffers
+            host = buffers[self._flip][: len(f)]
+            host.copy_(f, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            return host, event
 
 
 def _concat(tiles: list, device: str):
@@ -345,41 +381,3 @@ def run_embed(
     return run_slides(
         stage, manifest, overwrite=overwrite, console=console, label=label, settings=cfg
     )
-
-
-def _begin_store(path: Path, job: SlideJob, dim: int, enc_attrs: dict, device: str) -> PendingStore:
-    n = len(job.coords)
-    pending = PendingStore(path)
-    try:
-        g = pending.group
-        chunk = max(1, min(n, 4096))
-        g.create_array(
-            "features",
-            shape=(n, dim),
-            dtype="float16",
-            chunks=(chunk, dim),
-            compressors=zstd_compressors(),
-        )
-        coords = g.create_array(
-            "coords", shape=(n, 2), dtype="int32", chunks=(chunk, 2), compressors=zstd_compressors()
-        )
-        if n:
-            coords[...] = job.coords
-        tattrs = dict(job.tile_attrs)
-        chash = tattrs.pop("config_hash_embed")
-        g.update_attributes(
-            {
-                "slide_id": job.slide_id,
-                "n_tiles": n,
-                "feature_dim": dim,
-                "encoder": enc_attrs,
-                "tiles": {k: tattrs[k] for k in sorted(tattrs)},
-                "config_hash": chash,
-                "device": device,
-                "wsimil_version": __version__,
-            }
-        )
-    except BaseException:
-        pending.abort()  # no partial store is left behind
-        raise
-    return pending

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
+from . import __version__
 from .runner import SlideOutcome
-from .store import PendingStore, RowWriter
+from .store import PendingStore, RowWriter, zstd_compressors
 
 
 class SlideBooks:
@@ -50,6 +52,8 @@ class SlideBooks:
     def write(self, j: int, feats: np.ndarray) -> SlideOutcome | None:
         """Append the next features of slide ``j``; its outcome when the slide ends, else None."""
         job = self.jobs[j]
+        if j in self.failed:  # failed while this batch was in flight
+            return None
         if j not in self.open:
             pending = self.begin(job)
             self.open[j] = (pending, RowWriter(pending.group["features"]))
@@ -81,3 +85,42 @@ class SlideBooks:
         for pending, _ in self.open.values():
             pending.abort()
         self.open.clear()
+
+
+def begin_feature_store(path: Path, job, dim: int, enc_attrs: dict, device: str) -> PendingStore:
+    """A new partial feature store for ``job`` (a SlideJob): features, coords and attrs."""
+    n = len(job.coords)
+    pending = PendingStore(path)
+    try:
+        g = pending.group
+        chunk = max(1, min(n, 4096))
+        g.create_array(
+            "features",
+            shape=(n, dim),
+            dtype="float16",
+            chunks=(chunk, dim),
+            compressors=zstd_compressors(),
+        )
+        coords = g.create_array(
+            "coords", shape=(n, 2), dtype="int32", chunks=(chunk, 2), compressors=zstd_compressors()
+        )
+        if n:
+            coords[...] = job.coords
+        tattrs = dict(job.tile_attrs)
+        chash = tattrs.pop("config_hash_embed")
+        g.update_attributes(
+            {
+                "slide_id": job.slide_id,
+                "n_tiles": n,
+                "feature_dim": dim,
+                "encoder": enc_attrs,
+                "tiles": {k: tattrs[k] for k in sorted(tattrs)},
+                "config_hash": chash,
+                "device": device,
+                "wsimil_version": __version__,
+            }
+        )
+    except BaseException:
+        pending.abort()  # no partial store is left behind
+        raise
+    return pending
