@@ -8,12 +8,10 @@ on ``device`` (the CUDA decoder on a GPU node, libjpeg-turbo on the CPU: one cod
 each requested tile out of the stored tiles it overlaps with one gather, paints what lies
 outside the level white (as OpenSlide does), and resizes with antialiasing.
 
-Colour: TIFF says how its JPEG samples are coded (PhotometricInterpretation); OpenSlide and
-libtiff follow the TIFF tag, not the JPEG stream's own markers. Each stream is rewritten so a
-JPEG decoder sees the same: the JPEGTables (DQT/DHT that SVS keeps apart) are spliced in, JFIF
-(APP0) and Adobe (APP14) markers are dropped, and an Adobe marker stating the colour transform
-of the TIFF tag is put first (transform 0 = RGB samples for photometric RGB, as Aperio writes;
-1 = YCbCr for photometric YCbCr).
+Colour: OpenSlide and libtiff follow the TIFF PhotometricInterpretation, not the JPEG stream's
+markers, so each stream is rewritten for a decoder to see the same: JPEGTables (DQT/DHT, kept
+apart by SVS) spliced in, JFIF/Adobe markers dropped, and an Adobe marker with the TIFF's colour
+transform put first (0 = RGB samples for photometric RGB, as Aperio writes; 1 = YCbCr).
 """
 
 from __future__ import annotations
@@ -251,15 +249,18 @@ def decode_packet(
         transform = int(packet.get("transform", [1])[0])
         on = device if _gpu_agrees(streams[0], transform, device, where) else "cpu"
     imgs = _decode(streams, on, where)
-    white = torch.full((3, th, tw), 255, dtype=torch.uint8, device=torch.device(on))
-    stored = torch.stack([_fit(img, th, tw, white) for img in imgs] + [white])
-    stored = stored.permute(0, 2, 3, 1).contiguous()  # (U + 1, th, tw, 3), the last one white
-    if stored.device.type == "cpu":
-        tiles = torch.from_numpy(assemble(stored.numpy(), packet)).to(device)
+    # Stored tiles (U + 1, th, tw, 3), the last one white. The CPU decoder's (3, h, w) images
+    # are views of (h, w, 3) memory: numpy stacks them as plain copies (torch's threaded copy
+    # was 10x slower on a busy 2-core machine).
+    if torch.device(on).type == "cpu":
+        white = np.full((th, tw, 3), 255, np.uint8)
+        hwc = [_fit(img.permute(1, 2, 0).numpy(), th, tw, white) for img in imgs]
+        tiles = torch.from_numpy(assemble(np.stack([*hwc, white]), packet)).to(device)
     else:
-        tiles = gather(
-            stored, {k: torch.as_tensor(packet[k]) for k in ("grid", "origin", "box")}, r, lh, lw
-        )
+        white = torch.full((th, tw, 3), 255, dtype=torch.uint8, device=torch.device(on))
+        stored = torch.stack([_fit(img.permute(1, 2, 0), th, tw, white) for img in imgs] + [white])
+        keys = ("grid", "origin", "box")
+        tiles = gather(stored, {k: torch.as_tensor(packet[k]) for k in keys}, r, lh, lw)
     return resize_tiles(tiles, size, interpolation)
 
 
@@ -325,12 +326,12 @@ def resize_tiles(tiles, size: int, interpolation: str = "bilinear"):
 
 
 def _fit(img, th: int, tw: int, white):
-    """A decoded stored tile as (3, th, tw): a stream of another size is cut or padded white."""
-    if img.shape[1] == th and img.shape[2] == tw:
+    """A decoded stored tile as (th, tw, 3): a stream of another size is cut or padded white."""
+    if img.shape[0] == th and img.shape[1] == tw:
         return img
-    out = white.clone()
-    h, w = min(th, img.shape[1]), min(tw, img.shape[2])
-    out[:, :h, :w] = img[:, :h, :w]
+    out = white.copy() if isinstance(white, np.ndarray) else white.clone()
+    h, w = min(th, img.shape[0]), min(tw, img.shape[1])
+    out[:h, :w] = img[:h, :w]
     return out
 
 
