@@ -127,6 +127,8 @@ class EmbedStage(SlideStage):
         self.ecfg = encoder.config
         self.enc_attrs = self.ecfg.to_attrs()
         self._model = None
+        self._host: list = [None, None]  # two pinned buffers for features coming back (CUDA)
+        self._flip = 0
         self.earlier = before_embed(layout)
 
     def outputs(self, row):
@@ -330,12 +332,11 @@ class EmbedStage(SlideStage):
             f = f.float()
             if f.device.type != "cuda":
                 return f, None
-            self._flip = 1 - getattr(self, "_flip", 0)
-            buffers = getattr(self, "_host", None) or [None, None]
-            if buffers[self._flip] is None or buffers[self._flip].shape[0] < len(f):
-                buffers[self._flip] = torch.empty(f.shape, dtype=f.dtype, pin_memory=True)
-            self._host = buffers
-            host = buffers[self._flip][: len(f)]
+            self._flip = 1 - self._flip  # the other buffer may still hold the batch in flight
+            buf = self._host[self._flip]
+            if buf is None or buf.shape[0] < len(f):
+                buf = self._host[self._flip] = torch.empty(f.shape, dtype=f.dtype, pin_memory=True)
+            host = buf[: len(f)]
             host.copy_(f, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
