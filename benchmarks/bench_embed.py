@@ -167,7 +167,7 @@ def mode_loader_only(args, run: Path) -> dict:
     dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=args.workers, prefetch_factor=4 if args.workers else None)
     total, t0 = 0, time.perf_counter()
     for item in dl:
-        total += len(item["tiles"])
+        total += sum(len(part["tiles"]) for part in item["parts"])
     return {"tiles": total, "seconds": time.perf_counter() - t0}
 
 

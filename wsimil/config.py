@@ -74,12 +74,20 @@ class EmbedConfig(_Section):
     pretrained: bool = Field(True, description="pretrained weights (off: random, for tests only)")
     checkpoint: str | None = Field(None, description="local weights file for the encoder")
     batch_size: int = Field(64, ge=1, description="tiles per forward pass")
-    num_workers: int = Field(2, ge=0, description="DataLoader worker processes reading tiles")
+    num_workers: int | None = Field(
+        None,
+        ge=0,
+        description="DataLoader worker processes reading tiles (unset: usable CPUs - 1, at most 16, on CUDA; 2 on the CPU)",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the encoder runs")
     group_reads: bool = Field(True, description="read horizontal neighbour tiles as one region")
     reader: Literal["auto", "openslide", "tifffile"] = Field(
         "auto",
         description="tile reader of the workers (auto: tifffile for TIFF pyramids it reads like OpenSlide)",
+    )
+    decode: Literal["auto", "pixels", "cpu", "gpu"] = Field(
+        "auto",
+        description="JPEG TIFF pyramids: workers read compressed tiles, decoded in the workers (cpu) or in batches on the GPU (gpu); pixels: the reader's pixels; auto: gpu on CUDA, else pixels",
     )
     precision: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="autocast dtype (auto: the encoder's on CUDA, float32 on CPU)"

@@ -22,6 +22,27 @@ def pick_device(name: str) -> str:
     return name
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: cgroups, taskset, Slurm), else all."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def loader_workers(setting: int | None, device: str) -> int:
+    """DataLoader workers of the embed stage: ``setting``, or automatic when it is None.
+
+    On CUDA the loader must keep up with the GPU: every usable CPU but the one that drives the
+    GPU, up to 16 (more only adds start-up time and memory). On the CPU the model and the
+    loader share the cores: 2, the measured choice on the 2-core machine (docs/embed.md).
+    """
+    if setting is not None:
+        return setting
+    if device == "cuda":
+        return max(1, min(usable_cpus() - 1, 16))
+    return 2
+
+
 SMALL_BAG = 1_000_000  # feature values per bag below which one thread is fastest
 
 
@@ -40,4 +61,4 @@ def train_threads(cfg, bags: list) -> int:
     width = bags[0].features.shape[1] if bags else 0
     if largest * width <= SMALL_BAG:
         return 1
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return usable_cpus()

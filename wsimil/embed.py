@@ -10,28 +10,26 @@ share the loader, so batches stay full); each ends with its own status line.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from . import __version__
 from .config import EmbedConfig
-from .devices import pick_device
+from .devices import loader_workers, pick_device
 from .earlier import before_embed
+from .embed_books import SlideBooks, begin_feature_store
+from .jpeg_tiles import decode_packet, pick_decode
 from .layout import RunLayout
 from .manifest import mpp_override
 from .runner import SlideOutcome, SlideStage, error_outcome, run_slides
 from .slide import SlideError
 from .store import (
     PendingStore,
-    RowWriter,
     config_hash,
     open_store,
     store_attrs,
     store_status,
-    zstd_compressors,
 )
 from .tile_reader import (  # noqa: F401 - re-exported for callers of the embed stage
     SlideJob,
@@ -129,6 +127,8 @@ class EmbedStage(SlideStage):
         self.ecfg = encoder.config
         self.enc_attrs = self.ecfg.to_attrs()
         self._model = None
+        self._host: list = [None, None]  # two pinned buffers for features coming back (CUDA)
+        self._flip = 0
         self.earlier = before_embed(layout)
 
     def outputs(self, row):
@@ -168,7 +168,15 @@ class EmbedStage(SlideStage):
             step_px_level0=int(tattrs["stride_px_level0"]),
             group_reads=self.cfg.group_reads and can_group_reads(tattrs),
             reader=pick_reader(str(row["path"]), self.cfg.reader, mpp=mpp),
+            decode=self._decode(str(row["path"]), mpp),
         )
+
+    def _decode(self, path: str, mpp) -> str:
+        """``pixels``, ``cpu`` or ``gpu`` for one slide (see :func:`wsimil.jpeg_tiles.pick_decode`)."""
+        if self.cfg.decode == "pixels" or (self.cfg.decode == "auto" and self.device != "cuda"):
+            return "pixels"
+        same = pick_reader(path, "auto", mpp=mpp) == "tifffile"
+        return pick_decode(path, self.cfg.decode, self.device, same_pyramid=same)
 
     def where(self, job) -> str:
         return job.path if isinstance(job, SlideJob) else super().where(job)
@@ -188,7 +196,7 @@ class EmbedStage(SlideStage):
                 yield work[k], outcome
 
     def _begin(self, job: SlideJob) -> PendingStore:
-        return _begin_store(
+        return begin_feature_store(
             self.outputs({"slide_id": job.slide_id})[0],
             job,
             self.ecfg.feature_dim,
@@ -197,61 +205,84 @@ class EmbedStage(SlideStage):
         )
 
     def _embed(self, jobs: list[SlideJob]):
-        """Run the loader over ``jobs``; yield (index, outcome) as each slide completes or fails."""
-        open_stores: dict[int, tuple[PendingStore, RowWriter]] = {}
-        failed: set[int] = set()
-        started: dict[int, float] = {}
+        """Run the loader over ``jobs``; yield (index, outcome) as each slide completes or fails.
+
+        One batch is in flight: its features come back to the host (pinned memory,
+        non-blocking on CUDA) while the next batch is decoded and launched, then are written.
+        """
+        books = SlideBooks(jobs, self._begin)
+        in_flight = None
         try:
             for item in self._loader(jobs):
-                j = item["job"]
-                started.setdefault(j, time.perf_counter())
-                if j in failed:
-                    continue
-                try:
-                    outcome = self._take_batch(jobs[j], item, open_stores.get(j))
-                except (
-                    Exception
-                ) as exc:  # e.g. a full disk: this slide fails, maybe the stage stops
-                    outcome = error_outcome(exc, jobs[j].path, self.folder.path)
-                if isinstance(outcome, tuple):  # the slide goes on: its open store
-                    open_stores[j] = outcome
-                    continue
-                current = open_stores.pop(j, None)
-                if outcome.status == "error":
-                    failed.add(j)
-                    if current is not None:
-                        current[0].abort()
-                else:
-                    outcome.values["seconds"] = time.perf_counter() - started[j]
-                yield j, outcome
+                launched = yield from self._launch(jobs, item["parts"], books)
+                if in_flight is not None:
+                    yield from self._land(jobs, in_flight, books)
+                in_flight = launched
+            if in_flight is not None:
+                yield from self._land(jobs, in_flight, books)
         finally:
-            for pending, _ in open_stores.values():
-                pending.abort()
+            books.abort_all()
 
-    def _take_batch(self, job: SlideJob, item: dict, current):
-        """Write one batch of ``job``'s features; an outcome when the slide ends, else its store."""
-        if item["error"]:
-            return SlideOutcome("error", item["error"])
-        pending, writer = current or (None, None)
-        if pending is None:
-            pending = self._begin(job)
-            writer = RowWriter(pending.group["features"])
+    def _launch(self, jobs: list[SlideJob], parts: list[dict], books: SlideBooks):
+        """Start one batch (parts of one or more slides); returns what :meth:`_land` writes.
+
+        Yields (index, outcome) for slides that fail here: a part that failed to read or
+        decode fails its slide only; an error of the model fails the slides of the batch.
+        """
+        good = []  # (slide index, tiles)
+        for part in parts:
+            j = part["job"]
+            if not books.start(j):
+                continue
+            if part["error"]:
+                yield j, books.fail(j, SlideOutcome("error", part["error"]))
+                continue
+            try:
+                good.append((j, self._device_tiles(jobs[j], part)))
+            except Exception as exc:
+                yield j, books.fail(j, error_outcome(exc, jobs[j].path, self.folder.path))
+        if not good:
+            return None
         try:
-            feats = self._features(item["tiles"])
-            if not np.all(np.isfinite(feats)):
-                pending.abort()  # also when this was the slide's first batch
-                return SlideOutcome(
-                    "error", f"{job.path}: non-finite features; check the encoder and its weights"
-                )
-            writer.append(feats.astype(np.float16))
-            if writer.rows < len(job.coords):
-                return pending, writer
-            writer.flush()
-            pending.commit()
-        except BaseException:
-            pending.abort()  # no partial store is left behind, whatever failed
-            raise
-        return SlideOutcome("ok", "", {"n_tiles": len(job.coords)})
+            host, event = self._features(_concat([t for _, t in good], self.device))
+        except Exception as exc:  # e.g. out of memory: the slides of this batch fail
+            for j, _ in good:
+                yield j, books.fail(j, error_outcome(exc, jobs[j].path, self.folder.path))
+            return None
+        return [(j, len(t)) for j, t in good], host, event
+
+    def _land(self, jobs: list[SlideJob], launched, books: SlideBooks):
+        """Write a launched batch's features to each slide's store, in order; yield outcomes."""
+        routes, host, event = launched
+        try:
+            if event is not None:
+                event.synchronize()
+            feats = host.numpy()
+        except Exception as exc:  # an asynchronous CUDA error surfaces here
+            for j, _ in routes:
+                yield j, books.fail(j, error_outcome(exc, jobs[j].path, self.folder.path))
+            return
+        row = 0
+        for j, n in routes:
+            try:
+                outcome = books.write(j, feats[row : row + n])
+            except Exception as exc:  # e.g. a full disk: this slide fails, maybe the stage stops
+                outcome = books.fail(j, error_outcome(exc, jobs[j].path, self.folder.path))
+            row += n
+            if outcome is not None:
+                yield j, outcome
+
+    def _device_tiles(self, job: SlideJob, part: dict):
+        """A part's (n, S, S, 3) uint8 tiles; compressed ones are decoded here, on the device."""
+        if "packet" not in part:
+            return part["tiles"]
+        return decode_packet(
+            part["packet"],
+            self.device,
+            size=self.ecfg.input_px,
+            interpolation=self.ecfg.interpolation,
+            where=job.path,
+        )
 
     def _loader(self, jobs: list[SlideJob]):
         import torch
@@ -262,7 +293,7 @@ class EmbedStage(SlideStage):
             input_px=self.ecfg.input_px,
             interpolation=self.ecfg.interpolation,
         )
-        workers = self.cfg.num_workers
+        workers = loader_workers(self.cfg.num_workers, self.device)
         return torch.utils.data.DataLoader(
             dataset,
             batch_size=None,
@@ -274,8 +305,12 @@ class EmbedStage(SlideStage):
             persistent_workers=False,
         )
 
-    def _features(self, tiles) -> np.ndarray:
-        """(B, S, S, 3) uint8 tiles -> (B, D) float32 features on the host."""
+    def _features(self, tiles):
+        """(B, S, S, 3) uint8 tiles -> (B, D) float32 features for the host, and a CUDA event.
+
+        On CUDA the copy to the host is queued (into one of two pinned buffers) and the event
+        says when it is done; on the CPU the features are there and the event is None.
+        """
         import torch
 
         from .encoders import normalise
@@ -294,7 +329,27 @@ class EmbedStage(SlideStage):
                     f = self._model(x)
             else:
                 f = self._model(x)
-            return f.float().cpu().numpy()
+            f = f.float()
+            if f.device.type != "cuda":
+                return f, None
+            self._flip = 1 - self._flip  # the other buffer may still hold the batch in flight
+            buf = self._host[self._flip]
+            if buf is None or buf.shape[0] < len(f):
+                buf = self._host[self._flip] = torch.empty(f.shape, dtype=f.dtype, pin_memory=True)
+            host = buf[: len(f)]
+            host.copy_(f, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            return host, event
+
+
+def _concat(tiles: list, device: str):
+    """One batch of tiles on ``device`` (a single part is passed as it is)."""
+    import torch
+
+    if len(tiles) == 1:
+        return tiles[0]
+    return torch.cat([t.to(device, non_blocking=True) for t in tiles])
 
 
 def run_embed(
@@ -318,6 +373,8 @@ def run_embed(
     from .encoders import create_encoder
 
     device = pick_device(cfg.device)
+    if cfg.decode == "gpu" and device != "cuda":
+        raise RuntimeError("--decode gpu needs CUDA for the encoder; use --decode cpu or auto")
     if encoder is None:
         encoder = create_encoder(cfg.encoder, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint)
     stage = EmbedStage(RunLayout(out_dir), cfg, encoder, device)
@@ -325,41 +382,3 @@ def run_embed(
     return run_slides(
         stage, manifest, overwrite=overwrite, console=console, label=label, settings=cfg
     )
-
-
-def _begin_store(path: Path, job: SlideJob, dim: int, enc_attrs: dict, device: str) -> PendingStore:
-    n = len(job.coords)
-    pending = PendingStore(path)
-    try:
-        g = pending.group
-        chunk = max(1, min(n, 4096))
-        g.create_array(
-            "features",
-            shape=(n, dim),
-            dtype="float16",
-            chunks=(chunk, dim),
-            compressors=zstd_compressors(),
-        )
-        coords = g.create_array(
-            "coords", shape=(n, 2), dtype="int32", chunks=(chunk, 2), compressors=zstd_compressors()
-        )
-        if n:
-            coords[...] = job.coords
-        tattrs = dict(job.tile_attrs)
-        chash = tattrs.pop("config_hash_embed")
-        g.update_attributes(
-            {
-                "slide_id": job.slide_id,
-                "n_tiles": n,
-                "feature_dim": dim,
-                "encoder": enc_attrs,
-                "tiles": {k: tattrs[k] for k in sorted(tattrs)},
-                "config_hash": chash,
-                "device": device,
-                "wsimil_version": __version__,
-            }
-        )
-    except BaseException:
-        pending.abort()  # no partial store is left behind
-        raise
-    return pending

@@ -2,7 +2,10 @@
 
 DataLoader worker processes each hold their own slide handle and read the tiles of a
 :class:`SlideJob` (no tile image files): horizontal neighbours as one region when the grid
-allows it exactly, resized to the encoder's input size with antialiasing.
+allows it exactly, resized to the encoder's input size with antialiasing. With ``--decode cpu``
+or ``gpu`` (:mod:`wsimil.jpeg_tiles`) they read the compressed stored JPEG tiles instead:
+``cpu`` decodes them in the worker, ``gpu`` hands the compressed batch to the main process,
+which decodes it on the device.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .jpeg_tiles import JpegTileReader, decode_packet, jpeg_levels
 from .slide import SlideError, TiffReader, open_slide
 
 
@@ -29,14 +33,20 @@ class SlideJob:
     step_px_level0: int = 0  # grid step; tiles are read in row runs when ``group_reads``
     group_reads: bool = False
     reader: str = "openslide"  # or "tifffile": decode stored TIFF tiles directly (see pick_reader)
+    decode: str = "pixels"  # or "cpu" / "gpu": compressed JPEG tiles (see jpeg_tiles.pick_decode)
 
 
 class TileBatches:
-    """Map-style dataset whose item ``i`` is one batch of tiles of one slide.
+    """Map-style dataset whose item ``i`` is one batch of ``batch_size`` tiles, across slides.
 
-    Each item is a dict: ``job`` (index into ``jobs``), ``start`` (first tile index), ``tiles``
-    uint8 tensor (B, S, S, 3) and ``error`` ('' or a one-line message). Read errors are
-    returned, not raised, so one corrupt slide does not stop the loader.
+    Each item is ``{"parts": [...]}``, one part per slide of the batch in order (a batch takes
+    the next tiles of the window's slides, so small slides still fill batches; ``cross_slide``
+    off: every batch holds one slide). A part is a dict: ``job`` (index into ``jobs``),
+    ``start`` (its first tile index in the slide), ``tiles`` uint8 tensor (n, S, S, 3) and
+    ``error`` ('' or a one-line message); for a ``decode="gpu"`` job, ``tiles`` is empty and
+    ``packet`` holds the compressed tiles (:meth:`wsimil.jpeg_tiles.JpegTileReader.packet`,
+    decoded by the main process). Read errors are returned, not raised, so one corrupt slide
+    does not stop the loader.
     """
 
     def __init__(
@@ -46,13 +56,12 @@ class TileBatches:
         batch_size: int,
         input_px: int,
         interpolation: str = "bilinear",
+        cross_slide: bool = True,
     ):
         self.jobs = jobs
         self.input_px = input_px
         self.interpolation = interpolation
-        self.items = [
-            (j, s) for j, job in enumerate(jobs) for s in range(0, len(job.coords), batch_size)
-        ]
+        self.items = batch_parts([len(job.coords) for job in jobs], batch_size, cross_slide)
         self.batch_size = batch_size
         self._open: tuple[int, object] | None = None  # per-process slide handle
 
@@ -64,22 +73,20 @@ class TileBatches:
             if self._open is not None:
                 self._open[1].close()
             self._open = None
-            job = self.jobs[j]
-            self._open = (
-                j,
-                TiffReader(job.path)
-                if job.reader == "tifffile"
-                else open_slide(job.path, mpp=job.mpp),
-            )
+            self._open = (j, _open_handle(self.jobs[j]))
         return self._open[1]
 
     def __getitem__(self, i: int) -> dict:
+        return {"parts": [self._part(j, start, n) for j, start, n in self.items[i]]}
+
+    def _part(self, j: int, start: int, n: int) -> dict:
         import torch
 
-        j, start = self.items[i]
         job = self.jobs[j]
-        coords = job.coords[start : start + self.batch_size]
+        coords = job.coords[start : start + n]
         try:
+            if job.decode != "pixels":
+                return self._compressed(j, start, coords)
             tiles = read_tiles(
                 self._slide(j), coords, job, size=self.input_px, interpolation=self.interpolation
             )
@@ -93,6 +100,56 @@ class TileBatches:
                 "error": f"{job.path}: {type(exc).__name__}: {exc}",
             }
         return {"job": j, "start": start, "tiles": torch.from_numpy(tiles), "error": ""}
+
+    def _compressed(self, j: int, start: int, coords: np.ndarray) -> dict:
+        """Compressed tiles: decoded here (``cpu``) or by the main process (``gpu``)."""
+        import torch
+
+        job = self.jobs[j]
+        packet = self._slide(j).packet(coords, job.read_level, job.read_px)
+        item = {"job": j, "start": start, "tiles": torch.empty(0), "error": ""}
+        if job.decode == "gpu":
+            item["packet"] = {k: torch.from_numpy(v) for k, v in packet.items()}
+        else:
+            item["tiles"] = decode_packet(
+                packet, "cpu", size=self.input_px, interpolation=self.interpolation, where=job.path
+            ).contiguous()
+        return item
+
+
+def batch_parts(sizes: list[int], batch_size: int, cross_slide: bool = True) -> list[list]:
+    """Batches of ``batch_size`` tiles over slides of ``sizes`` tiles, in order.
+
+    Returns
+    -------
+    list of batches, each a list of (slide index, first tile, n tiles); every batch but the
+    last holds ``batch_size`` tiles when ``cross_slide``, else each batch holds one slide.
+    """
+    batches, current, room = [], [], batch_size
+    for j, size in enumerate(sizes):
+        start = 0
+        while start < size:
+            n = min(room, size - start)
+            current.append((j, start, n))
+            start, room = start + n, room - n
+            if room == 0 or (not cross_slide and start == size):
+                batches.append(current)
+                current, room = [], batch_size
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _open_handle(job: SlideJob):
+    """A worker's handle on ``job``'s slide: pixels (a reader) or stored JPEG tiles."""
+    if job.decode != "pixels":
+        levels = jpeg_levels(job.path)
+        if levels is None:
+            raise SlideError(f"{job.path}: not a JPEG-tiled TIFF pyramid any more; re-run")
+        return JpegTileReader(job.path, levels)
+    if job.reader == "tifffile":
+        return TiffReader(job.path)
+    return open_slide(job.path, mpp=job.mpp)
 
 
 def row_runs(coords: np.ndarray, *, step_px: int, max_run: int) -> list[tuple[int, int]]:
