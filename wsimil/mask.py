@@ -28,7 +28,7 @@ import numpy as np
 
 from .config import TileConfig
 from .slide import Slide, tiff_twin
-from .tissue import clean_mask, dilate_cross, erode_cross, fit_tissue_rule
+from .tissue import clean_mask, close_open, dilate_cross, drop_small, erode_cross, fit_tissue_rule
 
 MAX_COARSE_UM = 32.0
 BLUR_UM = 8.0  # sigma of the signal's blur, as tissue_mask's default
@@ -145,35 +145,15 @@ def clean_window(
     whole mask: the morphology sees ``margin`` px around the window, and regions and holes
     that reach the window's edge are left as they are (they go on outside it; a fragment
     across two re-read windows is kept whatever its size)."""
-    from scipy.ndimage import label
-
     y0, y1, x0, x1 = window
     h, w = mask.shape
-    ya, yb, xa, xb = (
-        max(0, y0 - margin),
-        min(h, y1 + margin),
-        max(0, x0 - margin),
-        min(w, x1 + margin),
-    )
+    ya, yb = max(0, y0 - margin), min(h, y1 + margin)
+    xa, xb = max(0, x0 - margin), min(w, x1 + margin)
     sub = mask[ya:yb, xa:xb]
-    m = erode_cross(dilate_cross(sub))
-    m = dilate_cross(erode_cross(m))
     inner = (slice(y0 - ya, y1 - ya), slice(x0 - xa, x1 - xa))
-    sub[inner] = m[inner]
-    px_area = pixel_um * pixel_um
-    for value, area in ((True, min_tissue_um2), (False, max_hole_um2)):
-        if area <= 0:
-            continue
-        labels, n = label(sub == value)
-        if n == 0:
-            continue
-        edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
-        sizes = np.bincount(labels.ravel(), minlength=n + 1)
-        small = sizes <= max(int(area / px_area), 1)
-        small[0] = False
-        small[edge] = False
-        if small.any():
-            sub[small[labels]] = not value
+    sub[inner] = close_open(sub)[inner]
+    drop_small(sub, pixel_um=pixel_um, min_tissue_um2=min_tissue_um2,
+               max_hole_um2=max_hole_um2, keep_edge=True)  # fmt: skip
 
 
 def edge_runs(edge: np.ndarray, *, block: int = BLOCK, max_px: int = 4096):

@@ -95,22 +95,41 @@ def clean_mask(
 ) -> np.ndarray:
     """Closing then opening by the 3x3 cross; regions under ``min_tissue_um2`` dropped and
     holes under ``max_hole_um2`` filled (areas in µm² at ``pixel_um``). (H, W) bool."""
-    mask = erode_cross(dilate_cross(mask))
-    mask = dilate_cross(erode_cross(mask))
+    return drop_small(close_open(mask), pixel_um=pixel_um, min_tissue_um2=min_tissue_um2,
+                      max_hole_um2=max_hole_um2)  # fmt: skip
+
+
+def close_open(mask: np.ndarray) -> np.ndarray:
+    """Closing, then opening, by the 3x3 cross (a new array; outside the image is False)."""
+    return dilate_cross(erode_cross(erode_cross(dilate_cross(mask))))
+
+
+def drop_small(
+    mask: np.ndarray, *, pixel_um: float, min_tissue_um2: float, max_hole_um2: float,
+    keep_edge: bool = False,
+) -> np.ndarray:  # fmt: skip
+    """In place: regions under ``min_tissue_um2`` dropped, then holes under ``max_hole_um2``
+    filled (areas in µm² at ``pixel_um``; 0 = off); with ``keep_edge``, regions and holes that
+    reach the array's edge are left (see :func:`drop_small_regions`). Returns ``mask``."""
     px_area = pixel_um * pixel_um
     if min_tissue_um2 > 0:
-        drop_small_regions(mask, max_size=max(int(min_tissue_um2 / px_area), 1))
+        drop_small_regions(mask, max_size=max(int(min_tissue_um2 / px_area), 1),
+                           keep_edge=keep_edge)  # fmt: skip
     if max_hole_um2 > 0:
         np.logical_not(mask, out=mask)  # holes are the small regions of the background
-        drop_small_regions(mask, max_size=max(int(max_hole_um2 / px_area), 1))
+        drop_small_regions(mask, max_size=max(int(max_hole_um2 / px_area), 1),
+                           keep_edge=keep_edge)  # fmt: skip
         np.logical_not(mask, out=mask)
     return mask
 
 
-def drop_small_regions(mask: np.ndarray, *, max_size: int) -> np.ndarray:
+def drop_small_regions(mask: np.ndarray, *, max_size: int, keep_edge: bool = False) -> np.ndarray:
     """Set to False, in place, the 4-connected regions of ``mask`` of at most ``max_size``
     pixels (as ``skimage.morphology.remove_small_objects(max_size=...)``, with one int32
     label image and no copy of the mask). Returns ``mask``.
+
+    With ``keep_edge``, regions that touch the array's edge are left whatever their size
+    (for a window of a larger mask: they may go on outside it).
 
     A region whose bounding box spans ``h + w - 1 > max_size`` has more than ``max_size``
     pixels (a 4-connected region spanning h rows and w columns has at least that many), so
@@ -122,9 +141,13 @@ def drop_small_regions(mask: np.ndarray, *, max_size: int) -> np.ndarray:
     if n == 0:
         return mask
     if n > 4096:
-        return _drop_small_by_count(mask, labels, n, max_size)
+        return _drop_small_by_count(mask, labels, n, max_size, keep_edge)
     for i, box in enumerate(find_objects(labels), start=1):
         if box is None:
+            continue
+        if keep_edge and any(
+            b.start == 0 or b.stop == size for b, size in zip(box, mask.shape, strict=True)
+        ):
             continue
         h, w = box[0].stop - box[0].start, box[1].stop - box[1].start
         if h + w - 1 > max_size:
@@ -135,7 +158,7 @@ def drop_small_regions(mask: np.ndarray, *, max_size: int) -> np.ndarray:
     return mask
 
 
-def _drop_small_by_count(mask, labels, n: int, max_size: int) -> np.ndarray:
+def _drop_small_by_count(mask, labels, n: int, max_size: int, keep_edge: bool) -> np.ndarray:
     # Row bands keep numpy's int64 copies of the labels (bincount, indexing) small.
     rows = max(1, 2**20 // max(mask.shape[1], 1))
     sizes = np.zeros(n + 1, np.int64)
@@ -143,6 +166,8 @@ def _drop_small_by_count(mask, labels, n: int, max_size: int) -> np.ndarray:
         sizes += np.bincount(labels[r : r + rows].ravel(), minlength=n + 1)
     small = sizes <= max_size
     small[0] = False
+    if keep_edge:
+        small[np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])] = False
     if small.any():
         for r in range(0, mask.shape[0], rows):
             mask[r : r + rows][small[labels[r : r + rows]]] = False
