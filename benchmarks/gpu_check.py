@@ -42,6 +42,7 @@ from gpu_check_modes import MODES, cohort_rows, decode_check, prepare  # noqa: E
 
 FULL_ENCODERS = "resnet50_trunc,uni"  # uni: ViT-L/16 (UNI's architecture), random weights
 QUICK_ENCODERS = "mobilenetv3_small_050"  # the script, not the speed, is checked
+MODE_ORDER = ["model", "e2e_pixels", "e2e_cpu", "e2e_gpu", "baseline"]
 LABELS = {
     "model": "model only",
     "e2e_pixels": "e2e pixels (worker decode, PIL)",
@@ -57,6 +58,11 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny slides and counts, in-process")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--encoders", default=None, help=f"comma list [{FULL_ENCODERS}]")
+    p.add_argument(
+        "--modes",
+        default=",".join(MODE_ORDER),
+        help="comma list of modes to run; model only always runs (the e2e sizes and ratios)",
+    )
     p.add_argument("--workers", type=int, default=0, help="loader workers [usable CPUs - 1, <= 16]")
     p.add_argument("--batch-size", type=int, default=0, help="0: 256 on CUDA, 32 on CPU")
     p.add_argument("--slides", type=int, default=0, help="distinct slide files [4; quick 1]")
@@ -70,6 +76,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=400, help="no mode starts after this")
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    unknown = sorted(set(args.modes.split(",")) - set(MODE_ORDER))
+    if unknown:
+        p.error(f"--modes: unknown {unknown}; choose from {','.join(MODE_ORDER)}")
     import torch
 
     if args.device == "auto":
@@ -166,7 +175,7 @@ def run_all(args) -> dict:
     report["cohort"] = cohort_rows(args)
     report["decode_check"] = decode_check(args)
     print(f"[gpu_check] decode check: {report['decode_check']}", file=sys.stderr)
-    modes = ["model", "e2e_pixels", "e2e_cpu", "e2e_gpu", "baseline"]
+    modes = ["model"] + [m for m in MODE_ORDER[1:] if m in args.modes.split(",")]
     for encoder in args.encoders.split(","):
         rows: dict[str, dict] = {}
         n_e2e = 0

@@ -272,6 +272,14 @@ def _decode(streams: list, device: str, where: str) -> list:
 
     if not streams:
         return []
+    if device != "cpu":
+        # torchvision's CUDA decoder writes its outputs on a private stream that does not wait
+        # for the caller's: the caching allocator can hand it memory that kernels still queued
+        # on the caller's stream will read (the batch in flight's features came back as NaN on
+        # an H200; pytorch/vision#9606). Waiting for that stream first keeps them apart.
+        import torch
+
+        torch.cuda.current_stream(torch.device(device)).synchronize()
     try:
         with warnings.catch_warnings():  # torchvision 0.29 points to TorchCodec; pinned here
             warnings.simplefilter("ignore", DeprecationWarning)
