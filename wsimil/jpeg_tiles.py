@@ -3,15 +3,13 @@
 For a JPEG-tiled TIFF pyramid (SVS, generic TIFF: what ``--reader tifffile`` reads), a loader
 worker reads the *compressed* stored tiles that cover a batch of requested tiles
 (:meth:`JpegTileReader.packet`: each stored tile once per batch, one flat byte buffer) instead of
-pixels. :func:`decode_packet` then decodes the whole batch with ``torchvision.io.decode_jpeg``
-on ``device`` (the CUDA decoder on a GPU node, libjpeg-turbo on the CPU: one code path), cuts
-each requested tile out of the stored tiles it overlaps with one gather, paints what lies
-outside the level white (as OpenSlide does), and resizes with antialiasing.
+pixels. :func:`decode_packet` decodes the batch with ``torchvision.io.decode_jpeg`` on ``device``
+(nvJPEG or libjpeg-turbo: one code path), cuts each requested tile out of the stored tiles it
+overlaps with one gather, paints outside the level white (as OpenSlide), resizes antialiased.
 
-Colour: OpenSlide and libtiff follow the TIFF PhotometricInterpretation, not the JPEG stream's
-markers, so each stream is rewritten for a decoder to see the same: JPEGTables (DQT/DHT, kept
-apart by SVS) spliced in, JFIF/Adobe markers dropped, and an Adobe marker with the TIFF's colour
-transform put first (0 = RGB samples for photometric RGB, as Aperio writes; 1 = YCbCr).
+Colour: OpenSlide follows the TIFF PhotometricInterpretation, not the stream's markers, so each
+stream is rewritten: JPEGTables (DQT/DHT, kept apart by SVS) spliced in, JFIF/Adobe markers
+dropped, an Adobe marker with the TIFF's colour transform put first (0 = RGB, 1 = YCbCr).
 """
 
 from __future__ import annotations
@@ -268,18 +266,13 @@ def _decode(streams: list, device: str, where: str) -> list:
     """torchvision's batch JPEG decoder; a refused stream is a one-line SlideError."""
     import warnings
 
+    import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
     if not streams:
         return []
-    if device != "cpu":
-        # torchvision's CUDA decoder writes its outputs on a private stream that does not wait
-        # for the caller's: the caching allocator can hand it memory that kernels still queued
-        # on the caller's stream will read (the batch in flight's features came back as NaN on
-        # an H200; pytorch/vision#9606). Waiting for that stream first keeps them apart.
-        import torch
-
-        torch.cuda.current_stream(torch.device(device)).synchronize()
+    if device != "cpu":  # its stream does not wait for ours (NaN features; pytorch/vision#9606)
+        torch.cuda.current_stream(device).synchronize()
     try:
         with warnings.catch_warnings():  # torchvision 0.29 points to TorchCodec; pinned here
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -335,7 +328,7 @@ def resize_tiles(tiles, size: int, interpolation: str = "bilinear"):
 
 def _fit(img, th: int, tw: int, white):
     """A decoded stored tile as (th, tw, 3): a stream of another size is cut or padded white."""
-    if img.shape[0] == th and img.shape[1] == tw:
+    if img.shape[:2] == (th, tw):
         return img
     out = white.copy() if isinstance(white, np.ndarray) else white.clone()
     h, w = min(th, img.shape[0]), min(tw, img.shape[1])
