@@ -90,8 +90,8 @@ def test_max_instances_subsamples_training_steps_only(monkeypatch):
     seen = {"train": [], "eval": []}
     build = tr.build_model
 
-    def spy(cfg, in_dim, n_classes=2):  # record the bag length every forward pass of f sees
-        m = build(cfg, in_dim, n_classes)
+    def spy(cfg, in_dim, n_classes=2, **kw):  # record the bag length every pass of f sees
+        m = build(cfg, in_dim, n_classes, **kw)
         m.f.register_forward_hook(
             lambda mod, i, o: seen["train" if mod.training else "eval"].append(i[0].shape[1])
         )

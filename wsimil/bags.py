@@ -29,10 +29,21 @@ class Bag:
 
 
 def read_rows(features, start: int = 0, stop: int | None = None) -> np.ndarray:
-    """Rows ``start:stop`` of a bag's features as float32 (an in-memory array is not copied)."""
+    """Rows ``start:stop`` of a bag's features as float32 (an in-memory array is not copied).
+
+    Tiles (N, S, S, 3) stay uint8: the pixel networks normalise them per chunk
+    (:mod:`wsimil.pixel_models`)."""
+    if features.ndim == 4:
+        return np.asarray(features[start:stop], dtype=np.uint8)
     if isinstance(features, np.ndarray) and features.dtype == np.float32:
         return features[start:stop]
     return np.asarray(features[start:stop], dtype=np.float32)
+
+
+def bag_nbytes(features) -> int:
+    """Bytes of a bag in memory: float32 features or uint8 tiles."""
+    itemsize = 1 if features.ndim == 4 else 4
+    return int(np.prod(features.shape)) * itemsize
 
 
 class Standardiser:
@@ -61,10 +72,16 @@ class Standardiser:
         return cls(mean, np.sqrt(ss / max(n - 1, 1)))
 
     def __call__(self, features):
-        """(N, D) features (array or Zarr array) -> standardised float32 tensor (N, D)."""
+        """(N, D) features (array or Zarr array) -> standardised float32 tensor (N, D).
+
+        (N, S, S, 3) uint8 tiles pass unchanged (as a uint8 tensor): an end-to-end model
+        normalises pixels itself, and its standardiser is the identity on 3 channels."""
         import torch
 
-        return torch.from_numpy((read_rows(features) - self.mean) / self.std)
+        rows = read_rows(features)
+        if rows.ndim == 4:
+            return torch.from_numpy(rows)
+        return torch.from_numpy((rows - self.mean) / self.std)
 
 
 class BagTensors:
@@ -86,7 +103,7 @@ class BagTensors:
         self.cached: dict[int, object] = {}
         used = 0
         for i, b in enumerate(bags):
-            nbytes = b.features.shape[0] * b.features.shape[1] * 4
+            nbytes = bag_nbytes(b.features)
             if isinstance(b.features, np.ndarray) or used + nbytes <= budget_bytes:
                 self.cached[i] = transform(read_rows(b.features))
                 used += nbytes
@@ -128,8 +145,9 @@ def load_slide_bags(
     classes: list[str] = ("0", "1"),
     memory_budget_gb: float = 8.0,
     console=None,
+    array: str = "features",
 ) -> tuple[list[Bag], list[dict]]:
-    """Load the feature bags of the manifest's slides.
+    """Load the feature bags of the manifest's slides (``array="tiles"``: tile caches, uint8).
 
     Slides without a feature store or with 0 tiles are skipped (and reported). The total size is
     checked against ``memory_budget_gb`` before anything is loaded: within it, features are read
@@ -159,16 +177,15 @@ def load_slide_bags(
             skipped.append({"slide_id": sid, "reason": f"no feature store at {store}"})
             continue
         g = open_store(store)
-        n, d = g["features"].shape
-        if n == 0:
+        if g[array].shape[0] == 0:
             skipped.append({"slide_id": sid, "reason": "0 tiles"})
             continue
-        total_bytes += n * d * 4
+        total_bytes += bag_nbytes(g[array])
         present.append((rec, g))
     stream = total_bytes > memory_budget_gb * 2**30
     if stream and console is not None:
         console.print(
-            f"the features need {total_bytes / 2**30:.1f} GiB as float32, over the {memory_budget_gb} GiB budget: "
+            f"the {array} need {total_bytes / 2**30:.1f} GiB in memory, over the {memory_budget_gb} GiB budget: "
             "training keeps what fits in memory and reads the other slides from their stores at each use"
         )
     from .classes import class_indices
@@ -180,7 +197,7 @@ def load_slide_bags(
         sid = str(rec["slide_id"])
         case = rec.get("case_id")
         group = str(case) if case is not None and not pd.isna(case) else sid
-        feats = g["features"] if stream else np.asarray(g["features"][...], dtype=np.float32)
+        feats = g[array] if stream else read_rows(g[array])
         bags.append(Bag(sid, feats, int(label), group))
     if console is not None:
         for s in skipped:

@@ -26,6 +26,7 @@ import torch
 from .bags import Standardiser
 from .config import TrainConfig
 from .mil import create_mil, list_mil_models
+from .pixel_models import PIXEL_ENCODERS
 from .store import atomic_output, write_text_atomic
 
 MODEL_FORMAT = "wsimil-model"
@@ -39,10 +40,13 @@ _MEAN, _STD = "standardiser.mean", "standardiser.std"
 _RETRAIN = "delete the model folder and retrain with `wsimil train`, or get the whole folder again"
 
 
-def model_kwargs(cfg: TrainConfig, n_classes: int = 2) -> dict:
+def model_kwargs(cfg: TrainConfig, n_classes: int = 2, pixels: dict | None = None) -> dict:
     """The keyword arguments of :func:`wsimil.mil.create_mil` that a training config (and the
-    number of classes of its labels) sets."""
+    number of classes of its labels, and for end-to-end models the pixel network's settings,
+    :func:`pixel_settings`) sets."""
+    extra = {"pixels": pixels} if pixels is not None else {}
     return {
+        **extra,
         "hidden_dim": cfg.hidden_dim,
         "attention_dim": cfg.attention_dim,
         "dropout": cfg.dropout,
@@ -51,6 +55,15 @@ def model_kwargs(cfg: TrainConfig, n_classes: int = 2) -> dict:
         "n_classes": n_classes,
         "per_class_attention": cfg.per_class_attention,
     }
+
+
+def pixel_settings(cfg: TrainConfig, side: int, encoder: str | None) -> dict | None:
+    """An end-to-end model's pixel network settings (None for a model on features)."""
+    if cfg.instance_encoder not in PIXEL_ENCODERS:
+        return None
+    name = encoder if cfg.instance_encoder == "finetune" else None
+    return {"side": int(side), "encoder": name, "train_blocks": cfg.train_blocks,
+            "augment": cfg.augment}  # fmt: skip
 
 
 def model_folder(path: str | Path) -> Path:
@@ -123,7 +136,7 @@ def save_checkpoint(
         "format": MODEL_FORMAT,
         "format_version": FORMAT_VERSION,
         "model_name": cfg.model,
-        "model_kwargs": model_kwargs(cfg, len(classes)),
+        "model_kwargs": model_kwargs(cfg, len(classes), getattr(model, "pixels", None)),
         "in_dim": int(model.in_dim),
         "classes": [str(c) for c in classes],
         "threshold": threshold,
@@ -265,7 +278,7 @@ def _kwargs_problem(kwargs) -> str | None:
     unknown = sorted(
         set(kwargs)
         - {"hidden_dim", "attention_dim", "dropout", "mlp_dims", "instance_encoder", "n_classes",
-           "per_class_attention"}
+           "per_class_attention", "pixels"}
     )  # fmt: skip
     if unknown:
         return f"model_kwargs has unknown keys {', '.join(map(repr, unknown))}"
@@ -276,12 +289,32 @@ def _kwargs_problem(kwargs) -> str | None:
         "dropout": isinstance(dropout, int | float) and not isinstance(dropout, bool)
         and math.isfinite(dropout) and 0 <= dropout < 1,
         "mlp_dims": dims is None or (isinstance(dims, list) and all(_is_int(d, 1) for d in dims)),
-        "instance_encoder": kwargs.get("instance_encoder") in (None, "mlp", "lenet"),
+        "instance_encoder": kwargs.get("instance_encoder") in (None, "mlp", "lenet", *PIXEL_ENCODERS),
+        "pixels": _pixels_ok(kwargs.get("pixels"), kwargs.get("instance_encoder")),
         "n_classes": _is_int(kwargs.get("n_classes", 2), 2) and kwargs.get("n_classes", 2) <= MAX_CLASSES,
         "per_class_attention": kwargs.get("per_class_attention", False) in (True, False),
     }  # fmt: skip
     bad = [k for k, ok in checks.items() if not ok]
     return f"bad model_kwargs {', '.join(bad)}" if bad else None
+
+
+def _pixels_ok(pixels, instance_encoder) -> bool:
+    """The pixel network's settings: present exactly for pixel models, of known keys and types."""
+    if instance_encoder not in PIXEL_ENCODERS:
+        return pixels is None
+    if not isinstance(pixels, dict) or set(pixels) != {
+        "side",
+        "encoder",
+        "train_blocks",
+        "augment",
+    }:
+        return False
+    name = pixels["encoder"]
+    return (_is_int(pixels["side"], 8) and pixels["side"] <= 1024
+            and _is_int(pixels["train_blocks"]) and pixels["train_blocks"] <= 1000
+            and pixels["augment"] in (True, False)
+            and (name is None if instance_encoder != "finetune"
+                 else isinstance(name, str) and 0 < len(name) <= 200))  # fmt: skip
 
 
 def _read_tensors(path: Path, sha256: str) -> dict[str, torch.Tensor]:

@@ -139,14 +139,32 @@ class TrainConfig(_Section):
         description="share of training cases held out for early stopping (0: none; train all epochs, keep the last)",
     )
     max_instances: int | None = Field(
-        None, ge=1, description="instances sampled per bag per training step (never at evaluation)"
+        None,
+        ge=1,
+        description="instances sampled per bag per training step, never at evaluation (None: all; end to end: 256)",
     )
     seed: int = Field(0, description="seed of splits, initialisation and sampling")
     mlp_dims: list[int] | None = Field(
         None, description="widths of the instance MLP f (None: [hidden_dim])"
     )
-    instance_encoder: Literal["mlp", "lenet"] = Field(
-        "mlp", description="f: MLP on features, or the paper's LeNet on 28x28 images"
+    instance_encoder: Literal["mlp", "lenet", "cnn", "resnet", "finetune"] = Field(
+        "mlp",
+        description="f: mlp on frozen features; lenet on 28x28 bag-table images; end to end on tile pixels (tile cache): cnn (the paper's LeNet-style), resnet (small, from scratch), finetune (the --encoder's last --train-blocks blocks)",
+    )
+    cache_px: int | None = Field(
+        None,
+        ge=8,
+        le=1024,
+        description="end to end: side of the cached tiles in pixels, each tile of the tile grid resized to it (None: the tile grid's tile_px; finetune: the encoder's input size)",
+    )
+    train_blocks: int = Field(
+        1,
+        ge=0,
+        description="finetune: last blocks of the encoder trained (0: only the layer on top)",
+    )
+    augment: bool = Field(
+        True,
+        description="end to end: flips, 90-degree turns and mild colour jitter of the tiles in training (never at evaluation)",
     )
     protocol: Literal["holdout", "cv", "split_column"] = Field(
         "holdout",

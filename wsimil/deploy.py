@@ -151,6 +151,12 @@ class Predictor:
         enc = self.encoder.get("encoder") or {}
         return enc.get("name") or self.meta.get("encoder")
 
+    @property
+    def pixel_side(self) -> int | None:
+        """End-to-end models: the side of the cached tiles they read (else None, features)."""
+        pixels = self.meta["model_kwargs"].get("pixels")
+        return int(pixels["side"]) if pixels else None
+
     def decide(self, probs: np.ndarray) -> tuple[float, str]:
         """The reported probability and predicted class name of class probabilities (C,)."""
         from .classes import decide
@@ -249,6 +255,29 @@ def training_features(layout, encoder: str, slide_ids: list[str]) -> dict | None
             raise ValueError(
                 f"features of {sid} and {first} were made with other encoder or tile settings; "
                 f"re-embed the cohort with one setting before training"
+            )
+    return sig
+
+
+def cache_signature(tile_attrs: dict, px: int) -> dict:
+    """What an end-to-end model's input is: tiles of the tile grid, cached at ``px`` pixels."""
+    return {"encoder": {"name": "pixels", "px": int(px)},
+            "tiles": {k: tile_attrs.get(k) for k in TILE_KEYS}}  # fmt: skip
+
+
+def training_pixels(layout, px: int, slide_ids: list[str]) -> dict | None:
+    """:func:`cache_signature` of the slides' tile caches, the same for all (else ValueError)."""
+    from .store import store_attrs
+
+    sig, first = None, None
+    for sid in slide_ids:
+        this = cache_signature((store_attrs(layout.tile_store(sid)) or {}), px)
+        if sig is None:
+            sig, first = this, sid
+        elif this != sig:
+            raise ValueError(
+                f"tiles of {sid} and {first} were made with other tile settings; "
+                "re-tile the cohort with one setting before training"
             )
     return sig
 

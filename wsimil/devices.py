@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 
@@ -58,7 +59,7 @@ def train_threads(cfg, bags: list) -> int:
     largest = max((b.features.shape[0] for b in bags), default=0)
     if cfg.max_instances:
         largest = min(largest, cfg.max_instances)
-    width = bags[0].features.shape[1] if bags else 0
+    width = math.prod(bags[0].features.shape[1:]) if bags else 0  # tiles: S * S * 3
     if largest * width <= SMALL_BAG:
         return 1
     return usable_cpus()

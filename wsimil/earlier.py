@@ -56,5 +56,9 @@ def before_embed(layout: RunLayout) -> EarlierStages:
     return EarlierStages([("tile", layout.tiles)])
 
 
-def before_heatmap(layout: RunLayout, encoder: str) -> EarlierStages:
+def before_heatmap(
+    layout: RunLayout, encoder: str, *, pixel_px: int | None = None
+) -> EarlierStages:
+    if pixel_px:  # an end-to-end model reads the tile cache
+        return EarlierStages([("tile", layout.tiles), ("cache", layout.tile_cache(pixel_px))])
     return EarlierStages([("tile", layout.tiles), ("embed", layout.features(encoder))])

@@ -15,11 +15,15 @@ import pandas as pd
 import torch
 
 from .bags import Bag, BagTensors, Standardiser
-from .checkpoint import model_kwargs
+from .checkpoint import model_kwargs, pixel_settings
 from .classes import probabilities
 from .config import TrainConfig
 from .devices import pick_device, train_threads
 from .mil import create_mil
+from .pixel_models import PIXEL_ENCODERS
+
+#: instances per training step of an end-to-end model when ``max_instances`` is not set
+PIXEL_MAX_INSTANCES = 256
 
 
 @torch.inference_mode()
@@ -46,9 +50,31 @@ def bag_loss(model, x: torch.Tensor, y: int, loss_fn) -> torch.Tensor:
     return loss_fn(out.logits, torch.tensor([int(y)], device=x.device))
 
 
-def build_model(cfg: TrainConfig, in_dim: int, n_classes: int = 2) -> torch.nn.Module:
-    """The MIL model a config describes (instance transform f, pooling, classifier)."""
-    return create_mil(cfg.model, in_dim, **model_kwargs(cfg, n_classes))
+def build_model(cfg: TrainConfig, in_dim: int, n_classes: int = 2, *, side: int | None = None,
+                encoder: str | None = None) -> torch.nn.Module:  # fmt: skip
+    """The MIL model a config describes (instance transform f, pooling, classifier).
+
+    End to end (``cfg.instance_encoder`` a pixel network): ``side`` is the tiles' side and
+    ``encoder`` the registry encoder to fine-tune (``finetune``, with its pretrained weights).
+    """
+    pixels = pixel_settings(cfg, side or 0, encoder)
+    if pixels is not None:
+        pixels["pretrained"] = True
+    return create_mil(cfg.model, in_dim, **model_kwargs(cfg, n_classes, pixels))
+
+
+def bag_shape(bags: list[Bag]) -> tuple[int, int | None]:
+    """The model's input width and, for tiles (N, S, S, 3), their side S (else None)."""
+    shape = bags[0].features.shape
+    return (3, int(shape[1])) if len(shape) == 4 else (int(shape[1]), None)
+
+
+def step_instances(cfg: TrainConfig, side: int | None) -> int | None:
+    """Instances per bag per training step: ``cfg.max_instances``; end to end 256 by default
+    (a whole slide's tiles through a CNN with gradients would not fit in memory)."""
+    if cfg.max_instances or side is None:
+        return cfg.max_instances
+    return PIXEL_MAX_INSTANCES
 
 
 def _bag_tensors(train, val, std, memory_budget_gb, console) -> tuple[BagTensors, BagTensors]:
@@ -105,6 +131,7 @@ def fit(
     n_classes: int = 2,
     memory_budget_gb: float = 8.0,
     console=None,
+    encoder: str | None = None,
 ) -> tuple[torch.nn.Module, Standardiser, pd.DataFrame, int]:
     """Train a MIL model, one bag per step; early stopping on the validation loss; returns the best model.
 
@@ -123,7 +150,7 @@ def fit(
     torch.set_num_threads(train_threads(cfg, train))
     try:
         return _fit(train, val, cfg, seed=seed, n_classes=n_classes,
-                    memory_budget_gb=memory_budget_gb, console=console)  # fmt: skip
+                    memory_budget_gb=memory_budget_gb, console=console, encoder=encoder)  # fmt: skip
     finally:
         torch.set_num_threads(threads)  # no change to the rest of the process
 
@@ -137,26 +164,36 @@ def _fit(
     n_classes: int = 2,
     memory_budget_gb: float = 8.0,
     console=None,
+    encoder: str | None = None,
 ) -> tuple[torch.nn.Module, Standardiser, pd.DataFrame, int]:
     """:func:`fit` on the threads it set."""
     seed = cfg.seed if seed is None else seed
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    in_dim = train[0].features.shape[1]
+    in_dim, side = bag_shape(train)
+    if (side is None) == (cfg.instance_encoder in PIXEL_ENCODERS):
+        raise ValueError(
+            f"--instance-encoder {cfg.instance_encoder} trains on "
+            + ("tiles (the tile cache)" if side is None else "features, but these bags are tiles")
+        )
     std = (
         Standardiser.fit(train)
-        if cfg.standardise
-        else Standardiser(np.zeros(in_dim), np.ones(in_dim))
+        if cfg.standardise and side is None
+        else Standardiser(np.zeros(in_dim), np.ones(in_dim))  # tiles: the network normalises
     )
     xs_train, xs_val = _bag_tensors(train, val, std, memory_budget_gb, console)
     y_train = np.array([b.label for b in train], np.int64)
     y_val = np.array([b.label for b in val], np.float32 if n_classes == 2 else np.int64)
 
     device = torch.device(pick_device(cfg.device))
-    model = build_model(cfg, in_dim, n_classes).to(device)
+    model = build_model(cfg, in_dim, n_classes, side=side, encoder=encoder).to(device)
     optimizer = torch.optim.Adam(
-        model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay
+        [p for p in model.parameters() if p.requires_grad],
+        lr=cfg.lr,
+        betas=(0.9, 0.999),
+        weight_decay=cfg.weight_decay,
     )
+    cap = step_instances(cfg, side)
     loss_fn, p_sample = _loss_and_sampling(y_train, n_classes, cfg.balance, device)
 
     best = (float("inf"), copy.deepcopy(model.state_dict()), 0)
@@ -170,8 +207,8 @@ def _fit(
         else:
             order = rng.permutation(len(xs_train))
         for i, x in xs_train.items(order):
-            if cfg.max_instances and len(x) > cfg.max_instances:
-                x = x[torch.from_numpy(rng.choice(len(x), cfg.max_instances, replace=False))]
+            if cap and len(x) > cap:
+                x = x[torch.from_numpy(rng.choice(len(x), cap, replace=False))]
             loss = bag_loss(model, x.to(device, non_blocking=True), y_train[i], loss_fn)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .bags import read_rows
 from .classes import check_manifest_labels
 from .config import HeatmapConfig
 from .deploy import check_features
@@ -131,6 +132,8 @@ class HeatmapStage(SlideStage):
         self.own_run = folder.resolve().parent.parent == layout.root.resolve()
         self.meta = self.predictor.meta
         self.encoder = self.predictor.encoder_name
+        self.pixel_px = self.predictor.pixel_side  # end-to-end models read the tile cache
+        self.array = "tiles" if self.pixel_px else "features"
         self.label_column = self.meta["config"].get("label_column", "label")
         self.settings = {
             "stage": "heatmap",
@@ -140,6 +143,13 @@ class HeatmapStage(SlideStage):
                                          "members": [m[2] for m in self.predictor.members]}),
         }  # fmt: skip
 
+    def cache_tiles(self, manifest: pd.DataFrame, *, console=None) -> None:
+        """End-to-end models: write the tile caches the slides lack (``wsimil cache``'s stage)."""
+        if self.pixel_px:
+            from .tile_cache import run_cache
+
+            run_cache(manifest, self.layout.root, px=self.pixel_px, console=console)
+
     def split_of(self, sid: str) -> str:
         """The slide's split for this model (``external`` for another run's slides)."""
         return self.predictor.split_of(sid) if self.own_run else "external"
@@ -148,6 +158,8 @@ class HeatmapStage(SlideStage):
         return [self.layout.heatmap_slide(self.model_name, row["slide_id"]).folder]
 
     def _feature_store(self, sid: str) -> Path:
+        if self.pixel_px:
+            return self.layout.tile_cache_store(self.pixel_px, sid)
         return self.layout.feature_store(self.encoder, sid)
 
     def _hash(self, feature_attrs: dict) -> str:
@@ -172,9 +184,12 @@ class HeatmapStage(SlideStage):
 
     @cached_property
     def earlier(self):
-        return before_heatmap(self.layout, self.encoder)
+        return before_heatmap(self.layout, self.encoder, pixel_px=self.pixel_px)
 
     def _no_features(self, sid: str) -> SlideError:
+        if self.pixel_px:
+            command = f"wsimil cache --px {self.pixel_px}"
+            return SlideError(self.earlier.missing(sid, "tile cache", command))
         command = f"wsimil embed --encoder {self.encoder}"
         return SlideError(self.earlier.missing(sid, "features", command))
 
@@ -196,8 +211,11 @@ class HeatmapStage(SlideStage):
                 f"{sid}: features from encoder {name!r} but the model was trained on "
                 f"{self.encoder!r}; re-embed with --encoder {self.encoder}"
             )
-        shape = open_store(store)["features"].shape
-        if shape[0] and shape[1] != self.meta["in_dim"]:
+        shape = open_store(store)[self.array].shape
+        if self.pixel_px and shape[0] and tuple(shape[1:]) != (self.pixel_px, self.pixel_px, 3):
+            raise SlideError(f"{sid}: cached tiles of {shape[1:]} but the model reads "
+                             f"({self.pixel_px}, {self.pixel_px}, 3); run wsimil cache --px {self.pixel_px}")  # fmt: skip
+        if not self.pixel_px and shape[0] and shape[1] != self.meta["in_dim"]:
             raise SlideError(
                 f"{sid}: feature dim {shape[1]} does not match the model's "
                 f"{self.meta['in_dim']}; re-embed with --encoder {self.encoder}"
@@ -209,7 +227,7 @@ class HeatmapStage(SlideStage):
         sid = row["slide_id"]
         label = _label(row.get(self.label_column))
         g = open_store(job["store"])
-        feats = np.asarray(g["features"][...], dtype=np.float32)
+        feats = read_rows(g[self.array])  # (N, D) float32 features, or (N, S, S, 3) uint8 tiles
         files = self.layout.heatmap_slide(self.model_name, sid)
         with atomic_output(files.folder, folder=True) as partial:
             out = files.under(partial)
@@ -351,6 +369,7 @@ def run_heatmap(
     layout = RunLayout(out_dir)
     stage = HeatmapStage(layout, cfg, model_name)
     check_manifest_labels(manifest, stage.label_column, stage.predictor.classes, stage.model_name)
+    stage.cache_tiles(manifest, console=console)
     result = run_slides(stage, manifest, overwrite=overwrite, console=console, settings=cfg)
     if report:
         from .report import write_report

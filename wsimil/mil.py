@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .classes import n_outputs
+from .pixel_models import PIXEL_ENCODERS, PixelInstances
 
 _REGISTRY: dict[str, Callable[..., MILModel]] = {}
 
@@ -86,8 +87,11 @@ def create_mil(name: str, in_dim: int, **kwargs) -> MILModel:
         Instance feature dimension D.
     **kwargs
         ``hidden_dim``, ``attention_dim``, ``dropout``, ``mlp_dims``, ``instance_encoder``
-        (an ``nn.Module``, ``"mlp"`` or ``"lenet"``), ``n_classes`` (2: one logit) and
-        ``per_class_attention`` (attention poolings with 3+ classes: one branch per class).
+        (an ``nn.Module``, ``"mlp"``, ``"lenet"``, or a pixel network of
+        :mod:`wsimil.pixel_models`: ``"cnn"``, ``"resnet"``, ``"finetune"``, whose settings
+        are ``pixels``: ``side``, ``encoder``, ``train_blocks``, ``augment``), ``n_classes``
+        (2: one logit) and ``per_class_attention`` (attention poolings with 3+ classes: one
+        branch per class).
     """
     if name not in _REGISTRY:
         raise ValueError(
@@ -134,8 +138,10 @@ class LeNetEncoder(nn.Module):
 
 def check_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Validate shapes and return a bool mask (B, N); refuse empty bags."""
-    if x.dim() != 3:
-        raise ValueError(f"bags must have shape (B, N, D), got {tuple(x.shape)}")
+    if x.dim() not in (3, 5):
+        raise ValueError(
+            f"bags must be (B, N, D) features or (B, N, S, S, 3) tiles, got {tuple(x.shape)}"
+        )
     if mask is None:
         mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
     mask = mask.to(torch.bool)
@@ -164,6 +170,7 @@ class MILModel(nn.Module):
         instance_encoder: nn.Module | str | None = None,
         n_classes: int = 2,
         per_class_attention: bool = False,
+        pixels: dict | None = None,
     ):
         super().__init__()
         if n_classes < 2:
@@ -178,17 +185,24 @@ class MILModel(nn.Module):
         self.in_dim = in_dim
         self.hidden_dim = hidden_dim
         self.attention_dim = attention_dim
+        self.pixels: dict | None = None  # the pixel network's settings (end-to-end models)
         if instance_encoder is None or instance_encoder == "mlp":
             dims = list(mlp_dims) if mlp_dims else [hidden_dim]
             self.hidden_dim = dims[-1]
             self.f = mlp_encoder(in_dim, dims, dropout=dropout)
         elif instance_encoder == "lenet":
             self.f = LeNetEncoder(hidden_dim, dropout=dropout)
+        elif instance_encoder in PIXEL_ENCODERS:  # tiles (B, N, S, S, 3) uint8, end to end
+            self.pixels = dict(pixels or {})
+            self.f = PixelInstances(instance_encoder, out_dim=hidden_dim, dropout=dropout,
+                                    **self.pixels)  # fmt: skip
+            self.pixels.pop("pretrained", None)  # the saved model carries its own weights
         elif isinstance(instance_encoder, nn.Module):
             self.f = instance_encoder
         else:
             raise ValueError(
-                f"unknown instance encoder {instance_encoder!r}; use 'mlp', 'lenet' or an nn.Module"
+                f"unknown instance encoder {instance_encoder!r}; use 'mlp', 'lenet', "
+                f"{', '.join(map(repr, PIXEL_ENCODERS))} or an nn.Module"
             )
         hidden_dim = self.hidden_dim
         self.g = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden_dim, self.n_out))

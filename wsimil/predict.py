@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .bags import read_rows
 from .classes import check_manifest_labels
 from .config import HeatmapConfig
 from .deploy import SEEN_SPLITS
@@ -50,7 +51,7 @@ class PredictStage(HeatmapStage):
     def run_one(self, job) -> SlideOutcome:
         row, sid = job["row"], job["row"]["slide_id"]
         g = open_store(job["store"])
-        feats = np.asarray(g["features"][...], dtype=np.float32)
+        feats = read_rows(g[self.array])  # features, or tiles for an end-to-end model
         label = _label(row.get(self.label_column))
         record = {"slide_id": sid, "label": label, "config_hash": self._hash(job["attrs"]),
                   "split": self.split_of(sid)}  # fmt: skip
@@ -85,6 +86,7 @@ def run_predict(manifest: pd.DataFrame, out_dir: str | Path, model: str, *, over
     if threads:
         torch.set_num_threads(threads)
     check_manifest_labels(manifest, stage.label_column, stage.predictor.classes, stage.model_name)
+    stage.cache_tiles(manifest, console=console)
     result = run_slides(stage, manifest, overwrite=overwrite, console=console)
     if cohort:
         write_cohort(layout, stage, manifest, n_boot=n_boot)

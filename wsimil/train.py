@@ -21,9 +21,10 @@ from .checkpoint import has_model, load_checkpoint, save_checkpoint
 from .classes import class_set
 from .config import TrainConfig, save_config
 from .cv import Fold, binary_metrics, make_folds
-from .deploy import manifest_digest, training_features
+from .deploy import manifest_digest, training_features, training_pixels
 from .fit import fit, predict_bags
 from .layout import RunLayout
+from .pixel_models import PIXEL_ENCODERS
 from .train_results import (
     check_classes,
     fold_summary,
@@ -87,7 +88,7 @@ def _fold_model(fold: Fold, bags, model_dir: Path, cfg: TrainConfig, classes: li
     val = [b for b in bags if fold.split[b.bag_id] == "val"]
     model, std, history, best_epoch = fit(
         train, val, cfg, seed=cfg.seed + 7919 * fold.repeat + 101 * fold.fold,
-        n_classes=len(classes), memory_budget_gb=budget, console=console,
+        n_classes=len(classes), memory_budget_gb=budget, console=console, encoder=encoder,
     )  # fmt: skip
     fold_dir.mkdir(parents=True, exist_ok=True)
     history.to_csv(fold_dir / "history.csv", index=False)
@@ -192,7 +193,8 @@ def _refit(bags, model_dir: Path, cfg: TrainConfig, classes, fold_metrics, *, en
         if console is not None:
             console.print(f"refit: one model on all {len(bags)} bags for {epochs} epochs")
         model, std, history, _ = fit(bags, [], settings, seed=cfg.seed, n_classes=len(classes),
-                                     memory_budget_gb=budget, console=console)  # fmt: skip
+                                     memory_budget_gb=budget, console=console,
+                                     encoder=encoder)  # fmt: skip
         save_checkpoint(model_dir, model, std, settings, encoder=encoder, best_epoch=epochs,
                         split=everything.split, classes=classes, threshold=None, refit=True)  # fmt: skip
         history.to_csv(model_dir / "history.csv", index=False)
@@ -219,14 +221,22 @@ def run_train(
     if cfg.label_column not in manifest.columns:
         raise ValueError(f"manifest has no label column {cfg.label_column!r}")
     classes = class_set(manifest[cfg.label_column], configured=cfg.classes, source="manifest")
+    px = None
+    if cfg.instance_encoder in PIXEL_ENCODERS:  # end to end: tiles from the tile cache
+        px = cache_side(cfg, layout, manifest, encoder)
+        from .tile_cache import run_cache
+
+        run_cache(manifest, out_dir, px=px, console=console)  # writes what is missing
     bags, skipped = load_slide_bags(
         manifest,
-        lambda sid: layout.feature_store(encoder, sid),
+        (lambda sid: layout.tile_cache_store(px, sid)) if px
+        else (lambda sid: layout.feature_store(encoder, sid)),
         label_column=cfg.label_column,
         classes=classes,
         memory_budget_gb=memory_budget_gb,
         console=console,
-    )
+        array="tiles" if px else "features",
+    )  # fmt: skip
     split_values = None
     if cfg.protocol == "split_column" and cfg.split_column in manifest.columns:
         split_values = dict(
@@ -237,14 +247,36 @@ def run_train(
         layout.model_dir(cfg.name),
         cfg,
         classes=classes,
-        encoder=encoder,
+        encoder="pixels" if px and cfg.instance_encoder != "finetune" else encoder,
         split_values=split_values,
         memory_budget_gb=memory_budget_gb,
         console=console,
-        features=training_features(layout, encoder, [b.bag_id for b in bags]),
+        features=(
+            training_pixels(layout, px, [b.bag_id for b in bags])
+            if px
+            else training_features(layout, encoder, [b.bag_id for b in bags])
+        ),  # fmt: skip
         training={"n_slides": len(bags), "manifest_sha256": manifest_digest(manifest)},
     )
     return {**res, "skipped": skipped}
+
+
+def cache_side(cfg: TrainConfig, layout: RunLayout, manifest: pd.DataFrame, encoder: str) -> int:
+    """The cached tiles' side for an end-to-end model: ``cfg.cache_px``, else the encoder's input
+    size (``finetune``) or the tile grid's ``tile_px`` (of the first tiled slide)."""
+    if cfg.cache_px:
+        return cfg.cache_px
+    if cfg.instance_encoder == "finetune":
+        from .encoders import create_encoder
+
+        return int(create_encoder(encoder, pretrained=False).config.input_px)
+    from .store import store_attrs
+
+    for sid in manifest.slide_id.astype(str):
+        attrs = store_attrs(layout.tile_store(sid))
+        if attrs:
+            return int(attrs["tile_px"])
+    raise FileNotFoundError(f"{layout.tiles.path}: no tiled slide; run `wsimil tile` first")
 
 
 def run_train_table(
