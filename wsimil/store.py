@@ -227,11 +227,14 @@ def _jsonable(v):
 
 
 class RowWriter:
-    """Append rows to a Zarr array one whole chunk at a time (no read-modify-write of chunks)."""
+    """Append rows to a Zarr array one whole chunk at a time (no read-modify-write of chunks).
+
+    For a sharded array the unit is the shard: a shard is written once, whole.
+    """
 
     def __init__(self, array):
         self.array = array
-        self.chunk_rows = array.chunks[0]
+        self.chunk_rows = (getattr(array, "shards", None) or array.chunks)[0]
         self.rows = 0  # rows appended so far
         self._buf: list[np.ndarray] = []
         self._buffered = 0
