@@ -142,11 +142,10 @@ def test_a_cache_of_other_tiles_is_refused(cohort, tmp_path):
         open_cache(layout, 64, sid)
 
 
-def test_tiles_are_written_shard_by_shard(cohort, tmp_path, monkeypatch):
-    """A slide of more tiles than a batch and a shard: on disk before the last batch is read."""
+def test_tiles_are_written_batch_by_batch(cohort, tmp_path):
+    """A slide of more tiles than a batch: each batch is on disk before the next is read."""
     run, df = cohort
     sid = df.slide_id[0]
-    monkeypatch.setattr(tile_cache, "SHARD_TILES", 16)
     layout = RunLayout(run)
     stage = tile_cache.CacheStage(layout, tile_cache.CacheConfig(px=PX, batch_size=8))
     job = stage.plan(dict(df.iloc[0]))
@@ -155,15 +154,15 @@ def test_tiles_are_written_shard_by_shard(cohort, tmp_path, monkeypatch):
 
     def watched():
         for block in stage._batches(job):
-            shards = partial_path(out) / "tiles" / "c"
-            seen.append(sum(1 for p in shards.rglob("*") if p.is_file()) if shards.exists() else 0)
+            chunks = partial_path(out) / "tiles" / "c"
+            seen.append(sum(1 for p in chunks.rglob("*") if p.is_file()) if chunks.exists() else 0)
             yield block
 
     n = tile_cache.write_cache(out, job, watched())
     assert n == len(job.coords) > 32
-    assert seen[0] == 0 and seen[-1] >= (n - 8) // 16  # shards land while reading goes on
+    assert seen == [8 * k for k in range(-(-n // 8))]  # one file per tile, batch after batch
     tiles = zarr.open_group(str(out), mode="r")["tiles"]
-    assert tiles.shards[0] == 16 and tiles.chunks == (1, PX, PX, 3)
+    assert tiles.chunks == (1, PX, PX, 3)
     np.testing.assert_array_equal(tiles[...], open_cache(layout, PX, sid)[...])
 
 

@@ -44,6 +44,13 @@ def zstd_compressors():
     return (zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"),)
 
 
+def fast_compressors():
+    """LZ4 (Blosc): for pixels read every epoch, where decoding speed matters more than size."""
+    import zarr
+
+    return (zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle"),)
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -227,14 +234,11 @@ def _jsonable(v):
 
 
 class RowWriter:
-    """Append rows to a Zarr array one whole chunk at a time (no read-modify-write of chunks).
-
-    For a sharded array the unit is the shard: a shard is written once, whole.
-    """
+    """Append rows to a Zarr array one whole chunk at a time (no read-modify-write of chunks)."""
 
     def __init__(self, array):
         self.array = array
-        self.chunk_rows = (getattr(array, "shards", None) or array.chunks)[0]
+        self.chunk_rows = array.chunks[0]
         self.rows = 0  # rows appended so far
         self._buf: list[np.ndarray] = []
         self._buffered = 0

@@ -10,10 +10,9 @@ DataLoader workers), resizes each to ``px`` x ``px`` with the same antialiased r
     tile_cache/<px>px/<slide_id>.zarr   tiles (N, px, px, 3) uint8, one chunk per tile,
                                         rows in the tile store's order; self-describing attrs
 
-batch by batch (memory is bounded by a few batches and one shard, never the whole slide).
-Chunks are grouped into shards of up to 256 tiles (one file per shard, not per tile), which
-readers do not see: ``tiles[i]`` reads one tile. The store is written under its partial name
-and renamed into place when complete (:mod:`wsimil.store`); slides run through
+batch by batch (memory is bounded by a few batches, never the whole slide), compressed with
+LZ4, which decodes fastest (``tiles[i]`` reads one tile). The store is written under its
+partial name and renamed into place when complete (:mod:`wsimil.store`); slides run through
 :func:`wsimil.runner.run_slides` (locks, ``status.jsonl``, skip and resume, one error line per
 bad slide). :func:`open_cache` opens a slide's store for training and refuses one made from
 other tiles than the current tile store's.
@@ -39,17 +38,15 @@ from .store import (
     RowWriter,
     atomic_store,
     config_hash,
+    fast_compressors,
     open_store,
     store_attrs,
-    zstd_compressors,
 )
 from .tile_reader import SlideJob, TileBatches, can_group_reads, pick_reader
 
 FORMAT = "wsimil-tile-cache"
 FORMAT_VERSION = 1
 INTERPOLATION = "bilinear"  # resize_tile's antialiased default, as the embed stage's encoders
-SHARD_TILES = 256  # tiles per shard file at most
-SHARD_BYTES = 32 << 20  # and at most this many pixel bytes (one shard is buffered while written)
 
 
 def coords_sha256(coords: np.ndarray) -> str:
@@ -90,14 +87,6 @@ def cache_attrs(row: dict, px: int, tile_attrs: dict, coords: np.ndarray) -> dic
         "config_hash": config_hash(cache_settings(px, tile_attrs, sha)),
         "wsimil_version": __version__,
     }
-
-
-def _shards(n: int, px: int) -> tuple[int, ...] | None:
-    """Shard shape of a cache of ``n`` tiles (None: no sharding, for an empty slide)."""
-    if n == 0:
-        return None
-    rows = max(1, min(n, SHARD_TILES, SHARD_BYTES // (px * px * 3)))
-    return (rows, px, px, 3)
 
 
 def auto_workers(setting: int) -> int:
@@ -219,8 +208,7 @@ def write_cache(path: Path, job: SlideJob, batches) -> int:
             shape=(n, px, px, 3),
             dtype="uint8",
             chunks=(1, px, px, 3),
-            shards=_shards(n, px),
-            compressors=zstd_compressors(),
+            compressors=fast_compressors(),
         )
         writer = RowWriter(tiles)
         for block in batches:
