@@ -5,7 +5,9 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+import tifffile
 import zarr
 from click.testing import CliRunner
 
@@ -95,6 +97,10 @@ def test_store_attrs_and_one_chunk_per_tile(cohort):
     assert a["coords_sha256"] == hashlib.sha256(coords.astype(np.int32).tobytes()).hexdigest()
     assert a["tile_config_hash"] == tattrs["config_hash"]
     assert (RunLayout(run).tile_cache(PX).path / "config.yaml").read_text().startswith("px: 32")
+    layout = RunLayout(run)
+    assert open_cache(layout, PX, sid, coords=coords, tile_store_attrs=tattrs).shape == tiles.shape
+    with pytest.raises(ValueError, match="made from other tiles"):
+        open_cache(layout, PX, sid, coords=coords, tile_store_attrs={"config_hash": "other"})
 
 
 def test_resume_skips_complete_stores_and_redoes_a_killed_one(cohort, tmp_path):
@@ -164,6 +170,37 @@ def test_tiles_are_written_batch_by_batch(cohort, tmp_path):
     tiles = zarr.open_group(str(out), mode="r")["tiles"]
     assert tiles.chunks == (1, PX, PX, 3)
     np.testing.assert_array_equal(tiles[...], open_cache(layout, PX, sid)[...])
+
+
+def _corrupt_one_tissue_tile(slide_path: Path, coords: np.ndarray) -> None:
+    """Overwrite the stored JPEG tile under a kept tile with zeros."""
+    with tifffile.TiffFile(slide_path) as t:
+        page = t.pages[0]
+        per_row = -(-page.imagewidth // page.tilewidth)
+        x, y = coords[len(coords) // 2]
+        idx = (y // page.tilelength) * per_row + x // page.tilewidth
+        offset, count = page.dataoffsets[idx], page.databytecounts[idx]
+    with open(slide_path, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(b"\0" * count)
+
+
+def test_a_bad_slide_gets_one_line_and_leaves_nothing(cohort, tmp_path):
+    src, df = cohort
+    run = _copy_run(src, tmp_path / "run")
+    bad = shutil.copy(df.path[0], tmp_path / "bad.tiff")
+    _corrupt_one_tissue_tile(Path(bad), _tiles(run, df.slide_id[0])[1])
+    rows = {"slide_id": [df.slide_id[0], df.slide_id[1], "untiled"],
+            "path": [bad, df.path[1], df.path[1]], "label": [0, 1, 1]}  # fmt: skip
+    pd.DataFrame(rows).to_csv(run / "manifest.csv", index=False)
+    res = run_cache(read_manifest(run / "manifest.csv"), run, px=PX, batch_size=8)
+    assert res.status.tolist() == ["error", "ok", "error"]
+    assert "bad.tiff" in res.message[0] and "\n" not in res.message[0]
+    assert res.message[2] == "untiled: no tile store; run `wsimil tile` first"
+    folder = RunLayout(run).tile_cache(PX).path
+    assert sorted(
+        p.name for p in folder.iterdir() if p.suffix == ".zarr" or "partial" in p.name
+    ) == [f"{df.slide_id[1]}.zarr"]
 
 
 def test_a_slide_without_tiles_is_empty(cohort, tmp_path):
