@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .cli_cache import cache
 from .cli_check import check
 from .cli_common import (
     CONFIG,
@@ -44,6 +45,7 @@ def main():
       wsimil check RUN_DIR     pre-flight: manifest, ids, labels, files, mpp (writes nothing)
       wsimil tile RUN_DIR      tissue mask + tile grid      -> RUN_DIR/tiles/
       wsimil embed RUN_DIR     frozen CNN features          -> RUN_DIR/features/<encoder>/
+      wsimil cache RUN_DIR     uint8 tile pixels (end to end) -> RUN_DIR/tile_cache/<px>px/
       wsimil train RUN_DIR     attention MIL head           -> RUN_DIR/models/<name>/
       wsimil predict RUN_DIR   scores (+ metrics with labels) -> RUN_DIR/predictions/<name>/
       wsimil heatmap RUN_DIR   predictions + overlays       -> RUN_DIR/heatmaps/<name>/
@@ -364,6 +366,7 @@ def demo(out_dir, n_slides, size_px, encoder, seed):
 
 
 main.add_command(check)
+main.add_command(cache)
 for _cmd in (encoders, import_features, export_features, review):
     main.add_command(_cmd)
 

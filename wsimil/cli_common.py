@@ -23,7 +23,7 @@ CONFIG = click.option(
     "config_file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
-    help="YAML config with tile/embed/train/heatmap sections.",
+    help="YAML config with tile/embed/cache/train/heatmap sections.",
 )
 OVERWRITE = click.option(
     "--overwrite",

@@ -4,6 +4,7 @@ A YAML config looks like::
 
     tile:    {target_mpp: 0.5, tile_px: 256}
     embed:   {encoder: efficientnet_lite0, batch_size: 64}
+    cache:   {px: 64}
     train:   {model: gated_attention, epochs: 40}
     heatmap: {cmap: turbo, alpha: 0.5}
 
@@ -93,6 +94,25 @@ class EmbedConfig(_Section):
         "auto", description="autocast dtype (auto: the encoder's on CUDA, float32 on CPU)"
     )
     compile: bool = Field(False, description="torch.compile the encoder")
+
+
+class CacheConfig(_Section):
+    px: int | None = Field(
+        None,
+        ge=8,
+        le=1024,
+        description="side in pixels of the cached tiles (required): each tile of the tile stage is resized to px x px",
+    )
+    batch_size: int = Field(64, ge=1, description="tiles read, resized and written per batch")
+    workers: int = Field(
+        0,
+        ge=0,
+        description="worker processes reading tiles (0: auto, usable CPUs - 1, at most 16)",
+    )
+    reader: Literal["auto", "openslide", "tifffile"] = Field(
+        "auto",
+        description="tile reader of the workers (auto: tifffile for TIFF pyramids it reads like OpenSlide)",
+    )
 
 
 class TrainConfig(_Section):
@@ -240,6 +260,7 @@ class HeatmapConfig(_Section):
 class Config(_Section):
     tile: TileConfig = TileConfig()
     embed: EmbedConfig = EmbedConfig()
+    cache: CacheConfig = CacheConfig()
     train: TrainConfig = TrainConfig()
     heatmap: HeatmapConfig = HeatmapConfig()
 
@@ -267,7 +288,7 @@ def load_config(path: str | Path | None = None, **overrides: dict) -> Config:
             raise ValueError(f"{path}: cannot read config: {exc}") from exc
         if not isinstance(data, dict):
             raise ValueError(
-                f"{path}: config must be a mapping with sections tile/embed/train/heatmap"
+                f"{path}: config must be a mapping with sections tile/embed/cache/train/heatmap"
             )
     flags: set[tuple[str, str]] = set()
     for section, values in overrides.items():

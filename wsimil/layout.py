@@ -6,6 +6,7 @@ assembles them by hand. Standard library only, so the workflow can import it che
     RUN/manifest.csv
     RUN/tiles/<slide_id>.zarr, <slide_id>.qc.png                 (wsimil tile)
     RUN/features/<encoder>/<slide_id>.zarr                       (wsimil embed)
+    RUN/tile_cache/<px>px/<slide_id>.zarr                        (wsimil cache)
     RUN/models/<name>/                                           (wsimil train)
     RUN/heatmaps/<model>/slides/<slide_id>/                      (wsimil heatmap, per slide)
     RUN/heatmaps/<model>/predictions.csv, summary.json, index.html  (wsimil report)
@@ -26,6 +27,7 @@ from pathlib import Path
 
 SLIDE_ID_MAX_LEN = 128
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+CACHE_PX = (8, 1024)  # allowed side of cached tiles (wsimil cache --px)
 
 
 def check_name(name: str, *, what: str) -> str:
@@ -56,6 +58,16 @@ def check_slide_id(slide_id: str) -> str:
 def encoder_dir_name(encoder: str) -> str:
     """Folder name of an encoder's features (``hf-hub:org/model`` -> ``hf-hub_org_model``)."""
     return check_name(re.sub(r"[^A-Za-z0-9._-]", "_", encoder).lstrip(".-"), what="encoder")
+
+
+def check_px(px: int) -> int:
+    """Return ``px`` if it is a tile cache side (an int in 8..1024), else raise ValueError."""
+    if isinstance(px, bool) or not isinstance(px, int) or not CACHE_PX[0] <= px <= CACHE_PX[1]:
+        raise ValueError(
+            f"px {px!r}: the side of cached tiles must be a whole number of pixels in "
+            f"{CACHE_PX[0]}..{CACHE_PX[1]}"
+        )
+    return px
 
 
 def partial_path(final: Path) -> Path:
@@ -148,6 +160,14 @@ class RunLayout:
 
     def feature_store(self, encoder: str, slide_id: str) -> Path:
         return self.features(encoder).path / f"{check_slide_id(slide_id)}.zarr"
+
+    # -- cache ------------------------------------------------------------------------------
+    def tile_cache(self, px: int) -> StageFolder:
+        """``wsimil cache --px <px>``'s folder: each slide's tiles as uint8 pixels."""
+        return StageFolder(self.root / "tile_cache" / f"{check_px(px)}px")
+
+    def tile_cache_store(self, px: int, slide_id: str) -> Path:
+        return self.tile_cache(px).path / f"{check_slide_id(slide_id)}.zarr"
 
     # -- train ------------------------------------------------------------------------------
     def model_dir(self, name: str) -> Path:

@@ -44,6 +44,13 @@ def zstd_compressors():
     return (zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"),)
 
 
+def fast_compressors():
+    """LZ4 (Blosc): for pixels read every epoch, where decoding speed matters more than size."""
+    import zarr
+
+    return (zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle"),)
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
