@@ -79,13 +79,19 @@ def test_cached_pixels_are_the_readers_tiles_resized(cohort):
         assert cached.std() > 5  # tissue, not blank tiles
 
 
+def a_shards(array):
+    return tuple(array.shards)
+
+
 def test_store_attrs_and_one_chunk_per_tile(cohort):
     run, df = cohort
     sid = df.slide_id[0]
     tattrs, coords = _tiles(run, sid)
     g = zarr.open_group(str(RunLayout(run).tile_cache_store(PX, sid)), mode="r")
     tiles = g["tiles"]
-    assert list(g.keys()) == ["tiles"]
+    assert sorted(g.keys()) == ["coords", "tiles"]
+    np.testing.assert_array_equal(g["coords"][...], coords)
+    assert a_shards(tiles) == (min(256, len(coords)), PX, PX, 3)
     assert tiles.dtype == np.uint8 and tiles.shape == (len(coords), PX, PX, 3)
     assert tiles.chunks == (1, PX, PX, 3)
     a = dict(g.attrs)
@@ -164,9 +170,9 @@ def test_tiles_are_written_batch_by_batch(cohort, tmp_path):
             seen.append(sum(1 for p in chunks.rglob("*") if p.is_file()) if chunks.exists() else 0)
             yield block
 
-    n = tile_cache.write_cache(out, job, watched())
+    n = tile_cache.write_cache(out, job, watched(), shard_tiles=16)
     assert n == len(job.coords) > 32
-    assert seen == [8 * k for k in range(-(-n // 8))]  # one file per tile, batch after batch
+    assert seen == [k // 2 for k in range(-(-n // 8))]  # a shard file per 2 batches, as they come
     tiles = zarr.open_group(str(out), mode="r")["tiles"]
     assert tiles.chunks == (1, PX, PX, 3)
     np.testing.assert_array_equal(tiles[...], open_cache(layout, PX, sid)[...])

@@ -238,7 +238,7 @@ class RowWriter:
 
     def __init__(self, array):
         self.array = array
-        self.chunk_rows = array.chunks[0]
+        self.chunk_rows = (getattr(array, "shards", None) or array.chunks)[0]  # whole files
         self.rows = 0  # rows appended so far
         self._buf: list[np.ndarray] = []
         self._buffered = 0

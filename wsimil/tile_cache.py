@@ -7,8 +7,9 @@ read size), with the embed stage's reader (:class:`wsimil.tile_reader.TileBatche
 DataLoader workers), resizes each to ``px`` x ``px`` with the same antialiased resize
 (:func:`wsimil.tile_reader.resize_tile`, bilinear) and writes
 
-    tile_cache/<px>px/<slide_id>.zarr   tiles (N, px, px, 3) uint8, one chunk per tile,
-                                        rows in the tile store's order; self-describing attrs
+    tile_cache/<px>px/<slide_id>.zarr   tiles (N, px, px, 3) uint8, one chunk per tile (256
+                                        per shard file), rows in the tile store's order;
+                                        coords (N, 2) as the tile store's; self-describing attrs
 
 batch by batch (memory is bounded by a few batches, never the whole slide), compressed with
 LZ4, which decodes fastest (``tiles[i]`` reads one tile). The store is written under its
@@ -41,11 +42,13 @@ from .store import (
     fast_compressors,
     open_store,
     store_attrs,
+    write_array,
 )
 from .tile_reader import SlideJob, TileBatches, can_group_reads, pick_reader
 
 FORMAT = "wsimil-tile-cache"
 FORMAT_VERSION = 1
+SHARD_TILES = 256  # tiles per shard file: a slide of 20,000 tiles is 79 files, not 20,000
 INTERPOLATION = "bilinear"  # resize_tile's antialiased default, as the embed stage's encoders
 
 
@@ -84,6 +87,8 @@ def cache_attrs(row: dict, px: int, tile_attrs: dict, coords: np.ndarray) -> dic
         "coords_sha256": sha,
         "tile_config_hash": tile_attrs.get("config_hash"),
         "tiles": {k: tile_attrs[k] for k in sorted(tile_attrs)},
+        # what an end-to-end model reads, in the feature stores' terms (deploy.cache_signature)
+        "encoder": {"name": "pixels", "px": px},
         "config_hash": config_hash(cache_settings(px, tile_attrs, sha)),
         "wsimil_version": __version__,
     }
@@ -194,8 +199,11 @@ class CacheStage(SlideStage):
                 yield part["tiles"].numpy()
 
 
-def write_cache(path: Path, job: SlideJob, batches) -> int:
+def write_cache(path: Path, job: SlideJob, batches, *, shard_tiles: int = SHARD_TILES) -> int:
     """Write ``batches`` (uint8 tile blocks in order) as ``path``'s ``tiles``; returns N.
+
+    Whole shard files (``shard_tiles`` tiles) are written as the batches come: memory holds
+    at most a shard and a batch.
 
     The store appears at ``path`` only when all N tiles are written; on any failure nothing
     is left there (nor at its partial name).
@@ -207,7 +215,8 @@ def write_cache(path: Path, job: SlideJob, batches) -> int:
             "tiles",
             shape=(n, px, px, 3),
             dtype="uint8",
-            chunks=(1, px, px, 3),
+            chunks=(1, px, px, 3),  # a tile per chunk, SHARD_TILES chunks per file
+            shards=(max(1, min(shard_tiles, n)), px, px, 3),
             compressors=fast_compressors(),
         )
         writer = RowWriter(tiles)
@@ -218,6 +227,7 @@ def write_cache(path: Path, job: SlideJob, batches) -> int:
         writer.flush()
         if writer.rows != n:
             raise RuntimeError(f"{job.path}: the reader gave {writer.rows} tiles of {n}")
+        write_array(group, "coords", job.coords)  # (N, 2) level-0 x, y: heatmaps place tiles
         group.update_attributes(attrs)  # last: a store with attrs has all its tiles
     return n
 
