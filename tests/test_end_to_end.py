@@ -162,3 +162,54 @@ def test_finetune_trains_only_the_last_blocks():
     with pytest.raises(ValueError, match="has 7 blocks"):
         build_model(cfg.model_copy(update={"train_blocks": 9}), 3, 2, side=32,
                     encoder="efficientnet_lite0")  # fmt: skip
+
+
+def test_run_folder_end_to_end_train_heatmap_predict(tmp_path):
+    """tile -> train --instance-encoder cnn (writes the tile cache) -> heatmap and predict."""
+    import pandas as pd
+
+    from wsimil.config import HeatmapConfig, TileConfig
+    from wsimil.heatmap import run_heatmap
+    from wsimil.layout import RunLayout
+    from wsimil.manifest import read_manifest
+    from wsimil.predict import run_predict
+    from wsimil.synth import make_cohort
+    from wsimil.tile import run_tile
+    from wsimil.train import run_train
+
+    run = tmp_path / "run"
+    df = read_manifest(make_cohort(run, n_slides=4, width_px=1536, height_px=1536, seed=3))
+    run_tile(df, run, TileConfig(target_mpp=1.0, tile_px=128))
+    cfg = _cfg(name="e2e", cache_px=24, epochs=2, protocol="holdout", test_fraction=0.5)
+    res = run_train(df, run, cfg, encoder="efficientnet_lite0")
+    layout = RunLayout(run)
+    assert all(layout.tile_cache_store(24, s).is_dir() for s in df.slide_id)
+    card = json.loads((layout.model_dir("e2e") / "card.json").read_text())
+    assert card["features"] == {"encoder": {"name": "pixels", "px": 24},
+                                "tiles": {"target_mpp": 1.0, "tile_px": 128}}  # fmt: skip
+    assert res["n"] == 2
+    maps = run_heatmap(df, run, HeatmapConfig(), model_name="e2e")
+    assert maps.status.tolist() == ["ok"] * 4, maps.message.tolist()
+    tiles = pd.read_csv(layout.heatmap_slide("e2e", df.slide_id[0]).table)
+    n = open_store_tiles(layout, df.slide_id[0]).shape[0]
+    assert len(tiles) == n and abs(tiles.attention.sum() - 1) < 1e-3
+    # predict on another run folder of the same slides: it writes the caches it lacks
+    other = tmp_path / "other"
+    other.mkdir()
+    df.assign(path=[str(run / p) for p in df.path]).to_csv(other / "manifest.csv", index=False)
+    df2 = read_manifest(other / "manifest.csv")
+    run_tile(df2, other, TileConfig(target_mpp=1.0, tile_px=128))
+    scored = run_predict(df2, other, str(layout.model_dir("e2e")))
+    assert scored.status.tolist() == ["ok"] * 4
+    assert np.allclose(scored.probability.to_numpy(), maps.probability.to_numpy(), atol=1e-5)
+    # tiles of another size than the model's: refused per slide, naming it
+    run_tile(df2, other, TileConfig(target_mpp=1.0, tile_px=96), overwrite=True)
+    refused = run_predict(df2, other, str(layout.model_dir("e2e")), overwrite=True)
+    assert set(refused.status) == {"error"}
+    assert "tile_px" in refused.message[0] and df.slide_id[0] in refused.message[0]
+
+
+def open_store_tiles(layout, sid):
+    from wsimil.store import open_store
+
+    return open_store(layout.tile_cache_store(24, sid))["tiles"]

@@ -204,6 +204,8 @@ class HeatmapStage(SlideStage):
         attrs = store_attrs(store)
         if attrs is None:
             raise self._no_features(sid)
+        if self.pixel_px:  # the current tiles, and a cache made from them
+            attrs = self._current_cache(sid, attrs)
         check_features(self.predictor, attrs, sid)  # encoder weights, input, tile geometry
         name = attrs["encoder"]["name"]
         if name != self.encoder:
@@ -221,6 +223,18 @@ class HeatmapStage(SlideStage):
                 f"{self.meta['in_dim']}; re-embed with --encoder {self.encoder}"
             )
         return {"row": row, "attrs": attrs, "store": store}
+
+    def _current_cache(self, sid: str, attrs: dict) -> dict:
+        """A tile cache's attrs with the tile store's (today's tiles); refuses a stale cache."""
+        from .tile_cache import open_cache
+
+        tiles = store_attrs(self.layout.tile_store(sid)) or {}
+        check_features(self.predictor, {**attrs, "tiles": tiles}, sid)
+        try:
+            open_cache(self.layout, self.pixel_px, sid, tile_store_attrs=tiles)
+        except (ValueError, FileNotFoundError) as exc:
+            raise SlideError(str(exc)) from exc
+        return attrs
 
     def run_one(self, job) -> SlideOutcome:
         row, attrs = job["row"], job["attrs"]
