@@ -49,9 +49,11 @@ def test_cnn_learns_a_separable_shape_cohort_from_bag_labels():
     probs = [float(torch.sigmoid(o.logits)) for o in outs]
     labels = [b.label for b in bags[18:]]
     assert history.train_loss.iloc[-1] < 0.5 * history.train_loss.iloc[0]
-    assert min(p for p, y in zip(probs, labels) if y) > max(p for p, y in zip(probs, labels) if not y)
+    assert min(p for p, y in zip(probs, labels, strict=True) if y) > max(
+        p for p, y in zip(probs, labels, strict=True) if not y
+    )
     # attention finds the cross: the attended tile of a positive bag holds it
-    for o, b in zip(outs, bags[18:]):
+    for o, b in zip(outs, bags[18:], strict=True):
         if b.label:
             k = int(o.attention[0].argmax())
             c = b.features.shape[1] // 2
