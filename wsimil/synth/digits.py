@@ -30,7 +30,8 @@ How a slide is made
 
 Files: ``slides/<slide_id>.tiff`` (pyramidal TIFF, :func:`wsimil.synth.slide_writer.write_rgb_slide`),
 ``manifest.csv`` (slide_id, path, label), ``boxes.csv`` (slide_id, digit, is_key, x0, y0, x1,
-y1: the digit's inked pixels in level-0 px, ends exclusive) and ``cohort.json`` (the settings).
+y1: the digit's inked pixels in level-0 px, ends exclusive; mnist_index: the digit's row in the
+MNIST file) and ``cohort.json`` (the settings).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ OD_HAEMATOXYLIN = np.array([0.650, 0.704, 0.286])  # Ruifrok & Johnston (2001), 
 INK_LEVEL = 0.2  # digit pixels above this share of full ink make its box
 CELL_TISSUE = 0.9  # a digit's cell must be at least this much tissue
 STRENGTH = (1.2, 1.6)  # range of the stain strength s per digit
-BOX_COLUMNS = ["slide_id", "digit", "is_key", "x0", "y0", "x1", "y1"]
+BOX_COLUMNS = ["slide_id", "digit", "is_key", "x0", "y0", "x1", "y1", "mnist_index"]
 
 
 def load_background(path: str | Path, *, mpp: float) -> np.ndarray:
@@ -215,6 +216,20 @@ def plan_digits(
     return plan
 
 
+def _slide_pixels(source, side_px, inks, rng, *, tile_px, min_tissue, tries=50):
+    """A background crop with the digits drawn in; a crop with too few tissue cells is redrawn."""
+    for _ in range(tries):
+        rgb = random_crop(source, side_px, rng, min_tissue=min_tissue)
+        try:
+            return rgb, draw_digits(rgb, inks, rng, tile_px=tile_px)
+        except ValueError as e:
+            if "tissue cells" not in str(e):
+                raise
+    raise ValueError(
+        f"no {side_px} px crop in {tries} holds {len(inks)} tissue cells of {tile_px} px"
+    )
+
+
 def _write_tables(out_dir: Path, rows: list[dict], boxes: list[dict]) -> Path:
     """``manifest.csv`` and ``boxes.csv``, each written under a temporary name and renamed."""
     for name, cols, data in (
@@ -289,12 +304,12 @@ def make_shape_cohort(
     for i, (y, digits) in enumerate(zip(slide_labels, plan, strict=True)):
         sid = f"shape_{i:03d}"
         rng = np.random.default_rng([int(seed) & 0xFFFFFFFFFFFFFFFF, 0xD162, i])
-        rgb = random_crop(source, int(side_px), rng, min_tissue=min_tissue)
         inks = [digit_ink(images[j], int(digit_px)) for j, _ in digits]
-        for (_, c), b in zip(
-            digits, draw_digits(rgb, inks, rng, tile_px=int(tile_px)), strict=True
-        ):
-            boxes.append(dict(zip(BOX_COLUMNS, (sid, c, int(c == key_digit), *b), strict=True)))
+        rgb, drawn = _slide_pixels(source, int(side_px), inks, rng, tile_px=int(tile_px),
+                                   min_tissue=min_tissue)  # fmt: skip
+        for (j, c), b in zip(digits, drawn, strict=True):
+            row = (sid, c, int(c == key_digit), *b, j)
+            boxes.append(dict(zip(BOX_COLUMNS, row, strict=True)))
         tiff = out_dir / "slides" / f"{sid}.tiff"
         tmp = tiff.with_name(tiff.name + ".tmp")
         write_rgb_slide(tmp, rgb, mpp=mpp)
