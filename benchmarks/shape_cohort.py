@@ -24,7 +24,7 @@ an earlier run of the same settings left in OUT_DIR):
    against the key-digit boxes (:func:`wsimil.localise.localisation_auc`; tiles of positive
    test slides pooled, and the mean of the per-slide AUCs).
 
-Writes OUT_DIR/shape_results.json and prints a markdown table.
+Writes OUT_DIR/shape_results[TAG].json (models ``frozen[TAG]``, ``e2e[TAG]``) and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -264,6 +264,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--e2e-arg", action="append", default=[], help="extra train option (e2e arm)")
     p.add_argument("--tile-arg", action="append", default=[], help="extra wsimil tile option")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tag", default="", help="suffix of the model names and the results file")
     p.add_argument("--quick", action="store_true", help="6 slides of 256 px, 3 folds, 3 epochs")
     args = p.parse_args(argv)
     if args.quick:
@@ -293,13 +294,15 @@ def run_arms(args, run: Path, results: dict, boxes: pd.DataFrame) -> None:
             extra, input_of = ["--encoder", args.encoder], frozen_input(run, args.encoder)
         else:
             extra, input_of = e2e_train_args(args), e2e_input(run, args.tile_px)
-        r["train_s"] = wsimil("train", run, *train_args(args, arm), "--device", "cpu", *extra)
+        r["train_s"] = wsimil(
+            "train", run, *train_args(args, arm + args.tag), "--device", "cpu", *extra
+        )
         t0 = time.perf_counter()
-        r.update(evaluate_arm(run, arm, input_of, boxes), status="done")
+        r.update(evaluate_arm(run, arm + args.tag, input_of, boxes), status="done")
         r["eval_s"] = round(time.perf_counter() - t0, 1)
     done = [a for a in args.arms if results["arms"][a].get("status") == "done"]
     if len(done) == 2:
-        a, b = (fold_splits(run / "models" / x) for x in done)
+        a, b = (fold_splits(run / "models" / (x + args.tag)) for x in done)
         results["same_folds"] = same_folds(a, b)
         assert results["same_folds"], "the two arms were not trained on the same folds"
 
@@ -317,7 +320,9 @@ def main(argv=None) -> dict:
                "stages": stages, "arms": {}}  # fmt: skip
     run_arms(args, run, results, boxes)
     stages["total_s"] = round(time.perf_counter() - t_all, 1)
-    (run / "shape_results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
+    (run / f"shape_results{args.tag}.json").write_text(
+        json.dumps(results, indent=2, default=float) + "\n"
+    )
     print(table(results))
     print("stages (s): " + ", ".join(f"{k[:-2]} {v}" for k, v in stages.items()))
     return results
