@@ -15,7 +15,8 @@ an earlier run of the same settings left in OUT_DIR):
    placed in (no off-grid gap tiles, which would cut digits).
 3. frozen arm: ``wsimil embed --encoder efficientnet_lite0``, then ``wsimil train --model
    gated_attention --protocol cv --folds K --seed S`` -> ``models/frozen``.
-4. e2e arm: ``wsimil train --instance-encoder cnn --cache-px T`` (same protocol, folds, seed)
+4. e2e arm: ``wsimil cache --px T`` (where the CLI has it; train writes missing caches anyway),
+   ``wsimil train --instance-encoder cnn --cache-px T`` (same protocol, folds, seed)
    -> ``models/e2e``. Its folds are checked to be the frozen arm's (``split`` in each fold's
    ``model.json``).
 5. Evaluation per arm, out of fold: slide AUC (with a 95 % case-bootstrap interval) from the
@@ -42,6 +43,10 @@ import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
+if (
+    str(ROOT) not in sys.path
+):  # this checkout's wsimil, in this process and (PYTHONPATH) in the stages
+    sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data"
 ARMS = ("frozen", "e2e")
 
@@ -86,6 +91,13 @@ def train_args(args, name: str) -> list[str]:
     if args.val_fraction is not None:
         out += ["--val-fraction", args.val_fraction]
     return [str(a) for a in out]
+
+
+def has_command(name: str) -> bool:
+    """Whether this checkout's ``wsimil`` has the command ``name``."""
+    from wsimil.cli import main
+
+    return name in main.commands
 
 
 def e2e_missing() -> str | None:
@@ -165,8 +177,8 @@ def frozen_input(run: Path, encoder: str) -> Callable:
 def e2e_input(run: Path, cache_px: int) -> Callable:
     """``input_of(std, slide_id)`` for the e2e arm: the slide's tiles from the tile cache,
     ``RUN/tile_cache/<px>px/<slide_id>.zarr`` array ``tiles`` uint8 (N, px, px, 3), tile-store
-    row order. Assumed here: the model takes them as they are, as a uint8 tensor, and scales
-    them itself; change this one function if the e2e model wants another layout."""
+    row order, given as they are: the pixel models of ``wsimil train --instance-encoder``
+    take uint8 (..., S, S, 3) and scale them themselves (checked against main's ``cnn``)."""
     import torch
 
     from wsimil.store import open_store
@@ -229,7 +241,7 @@ def evaluate_arm(run: Path, name: str, input_of: Callable, boxes: pd.DataFrame) 
 # the table and the command
 def table(results: dict) -> str:
     """The results as a markdown table."""
-    lines = ["| arm | slide AUC | 95 % interval | localisation AUC (pooled) | per-slide mean | s / epoch | train s | embed s |",
+    lines = ["| arm | slide AUC | 95 % interval | localisation AUC (pooled) | per-slide mean | s / epoch | train s | embed / cache s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for arm, r in results["arms"].items():
         if "slide_auc" not in r:
@@ -239,7 +251,7 @@ def table(results: dict) -> str:
         lines.append(
             f"| {arm} | {r['slide_auc']:.3f} | {lo:.3f}-{hi:.3f} | {r['loc_auc']:.3f} | "
             f"{r['loc_auc_slide_mean']:.3f} | {r['s_per_epoch']:.2f} | {r.get('train_s', '')} | "
-            f"{r.get('embed_s', '')} |"
+            f"{r.get('embed_s', r.get('cache_s', ''))} |"
         )
     return "\n".join(lines)
 
@@ -293,6 +305,8 @@ def run_arms(args, run: Path, results: dict, boxes: pd.DataFrame) -> None:
             r["embed_s"] = wsimil("embed", run, "--encoder", args.encoder, "--device", "cpu")
             extra, input_of = ["--encoder", args.encoder], frozen_input(run, args.encoder)
         else:
+            if has_command("cache"):  # the tile cache as a stage of its own (train would write it)
+                r["cache_s"] = wsimil("cache", run, "--px", args.tile_px)
             extra, input_of = e2e_train_args(args), e2e_input(run, args.tile_px)
         r["train_s"] = wsimil(
             "train", run, *train_args(args, arm + args.tag), "--device", "cpu", *extra
