@@ -16,8 +16,8 @@ an earlier run of the same settings left in OUT_DIR):
 3. frozen arm: ``wsimil embed --encoder efficientnet_lite0``, then ``wsimil train --model
    gated_attention --protocol cv --folds K --seed S`` -> ``models/frozen``.
 4. e2e arm: ``wsimil cache --px T`` (where the CLI has it; train writes missing caches anyway),
-   ``wsimil train --instance-encoder cnn --cache-px T`` (same protocol, folds, seed)
-   -> ``models/e2e``. Its folds are checked to be the frozen arm's (``split`` in each fold's
+   ``wsimil train --instance-encoder cnn --cache-px T --no-augment`` (same protocol, folds,
+   seed; no turns and flips, which do not keep a digit's class) -> ``models/e2e``. Its folds are checked to be the frozen arm's (``split`` in each fold's
    ``model.json``).
 5. Evaluation per arm, out of fold: slide AUC (with a 95 % case-bootstrap interval) from the
    pooled test predictions in ``predictions.csv``; localisation AUC: each fold model scores the
@@ -113,8 +113,14 @@ def e2e_missing() -> str | None:
 
 
 def e2e_train_args(args) -> list[str]:
-    """The end-to-end arm's own options (issue 19's CLI): a CNN on the tile cache's pixels."""
+    """The end-to-end arm's own options (issue 19's CLI): a CNN on the tile cache's pixels.
+
+    ``--no-augment`` unless ``--e2e-augment``: train's augmentation turns and flips tiles, and a
+    digit's class is not invariant to that (a 9 turned by 180 degrees is a 6, a distractor).
+    """
     out = ["--instance-encoder", "cnn", "--cache-px", str(args.tile_px)]
+    if not args.e2e_augment:
+        out.append("--no-augment")
     if args.max_instances:
         out += ["--max-instances", str(args.max_instances)]
     return out + list(args.e2e_arg)
@@ -135,8 +141,7 @@ def fold_splits(model_dir: Path) -> dict[str, dict[str, str]]:
 
 
 def same_folds(a: dict, b: dict) -> bool:
-    """Whether two models were tested on the same slides per fold (train/val may differ in
-    which training slides stop early, but here they are the same too when the seed is)."""
+    """Whether two models have the same split (train, val and test slides) in every fold."""
     return a.keys() == b.keys() and all(a[k] == b[k] for k in a)
 
 
@@ -274,6 +279,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--val-fraction", type=float, default=None, help="default: wsimil train's")
     p.add_argument("--max-instances", type=int, default=None, help="e2e arm: tiles per step")
     p.add_argument("--e2e-arg", action="append", default=[], help="extra train option (e2e arm)")
+    p.add_argument("--e2e-augment", action="store_true", help="keep train's tile augmentation")
     p.add_argument("--tile-arg", action="append", default=[], help="extra wsimil tile option")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", default="", help="suffix of the model names and the results file")
