@@ -269,3 +269,52 @@ def write_synthetic_slide(
         pyramid.close()
         shutil.rmtree(tmpdir, ignore_errors=True)
     return mask
+
+
+def write_rgb_slide(
+    path: str | Path, rgb: np.ndarray, *, mpp: float, tile_px: int = 256, jpeg_quality: int = 90
+) -> Path:
+    """Write an image held in memory as a pyramidal, tiled, JPEG-compressed BigTIFF.
+
+    The same layout as :func:`write_synthetic_slide` (4 x 4 block-mean levels until the long
+    side is at most 1,000 px, at least two levels; resolution tags), for small slides whose
+    pixels are made elsewhere (:mod:`wsimil.synth.digits`).
+
+    Parameters
+    ----------
+    path : str or Path
+        Output ``.tiff``, written in place.
+    rgb : ndarray, shape (H, W, 3), uint8
+        Level 0.
+    mpp : float
+        Microns per level-0 pixel.
+    tile_px : int
+        TIFF tile size (a multiple of 16).
+    jpeg_quality : int
+        JPEG quality (1-100).
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"rgb must be (H, W, 3), got {rgb.shape}")
+    height, width = rgb.shape[:2]
+    _check_args(width, height, mpp, tile_px, 1)
+    dims = _level_dims(width, height)
+    arrays = [rgb]
+    for w, _ in dims[1:]:
+        arrays.append(_reduce4(arrays[-1], w))
+
+    def tiles(a: np.ndarray) -> Iterator[np.ndarray]:
+        for r in range(0, a.shape[0], tile_px):
+            yield from tiles_of_rows(a[r : r + tile_px], a.shape[1], tile_px)
+
+    levels = [PyramidLevel(a.shape[1], a.shape[0], tiles(a)) for a in arrays]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_tiff_pyramid(
+        path, levels, tile_px=tile_px, mpp=mpp, jpeg_quality=jpeg_quality, software="wsimil.synth"
+    )
