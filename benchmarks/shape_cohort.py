@@ -86,7 +86,7 @@ def make_cohort(args, run: Path) -> float:
 
 def train_args(args, name: str) -> list[str]:
     """The ``wsimil train`` options both arms share (protocol, folds, seed, epochs, pooling)."""
-    out = ["--name", name, "--model", "gated_attention", "--protocol", "cv", "--folds",
+    out = ["--name", name, "--model", args.pooling, "--protocol", "cv", "--folds",
            args.folds, "--seed", args.seed, "--epochs", args.epochs]  # fmt: skip
     if args.val_fraction is not None:
         out += ["--val-fraction", args.val_fraction]
@@ -219,7 +219,10 @@ def localisation(run: Path, model_dir: Path, input_of: Callable, boxes: pd.DataF
             if len(k) == 0:
                 continue
             with torch.inference_mode():
-                a = model(input_of(std, sid).unsqueeze(0)).attention[0].double().numpy()
+                out = model(input_of(std, sid).unsqueeze(0))
+            # attention poolings: attention; instance poolings: the instance scores (the heatmap's)
+            a = (out.attention if out.attention is not None else out.instance_scores)[0]
+            a = a.double().numpy()
             scores.append((a - a.min()) / max(a.max() - a.min(), 1e-12))
             tiles.append(tile_boxes(run, sid))
             key_boxes.append(k)
@@ -274,6 +277,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mpp", type=float, default=1.0)
     p.add_argument("--key-digit", type=int, default=9)
     p.add_argument("--encoder", default="efficientnet_lite0")
+    p.add_argument("--pooling", default="gated_attention", help="MIL pooling of both arms")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="embed and train on")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--val-fraction", type=float, default=None, help="default: wsimil train's")
@@ -308,14 +313,14 @@ def run_arms(args, run: Path, results: dict, boxes: pd.DataFrame) -> None:
             print(f"e2e arm {why}")
             continue
         if arm == "frozen":
-            r["embed_s"] = wsimil("embed", run, "--encoder", args.encoder, "--device", "cpu")
+            r["embed_s"] = wsimil("embed", run, "--encoder", args.encoder, "--device", args.device)
             extra, input_of = ["--encoder", args.encoder], frozen_input(run, args.encoder)
         else:
             if has_command("cache"):  # the tile cache as a stage of its own (train would write it)
                 r["cache_s"] = wsimil("cache", run, "--px", args.tile_px)
             extra, input_of = e2e_train_args(args), e2e_input(run, args.tile_px)
         r["train_s"] = wsimil(
-            "train", run, *train_args(args, arm + args.tag), "--device", "cpu", *extra
+            "train", run, *train_args(args, arm + args.tag), "--device", args.device, *extra
         )
         t0 = time.perf_counter()
         r.update(evaluate_arm(run, arm + args.tag, input_of, boxes), status="done")
