@@ -72,11 +72,17 @@ def make_cohort(args, run: Path) -> float:
 
     kw = dict(n_slides=args.slides, key_digit=args.key_digit, background=args.background,
               mnist=args.mnist, side_px=args.side_px, mpp=args.mpp, tile_px=args.tile_px,
-              seed=args.seed)  # fmt: skip
+              n_digits=args.digits, n_key=args.key_count, min_tissue=args.min_tissue,
+              seed=args.seed if args.cohort_seed is None else args.cohort_seed)  # fmt: skip
     saved = run / "cohort.json"
+
+    def same(old, new) -> bool:
+        return old == (str(new) if isinstance(new, Path) else list(new) if isinstance(new, tuple)
+                       else new)  # fmt: skip
+
     if saved.is_file() and (run / "manifest.csv").is_file():
         old = json.loads(saved.read_text())
-        if all(old.get(k) == (str(v) if isinstance(v, Path) else v) for k, v in kw.items()):
+        if all(same(old.get(k), v) for k, v in kw.items()):
             print(f"cohort: reusing {run}")
             return 0.0
     t0 = time.perf_counter()
@@ -276,6 +282,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tile-px", type=int, default=32, help="tile (and digit cell) side in px")
     p.add_argument("--mpp", type=float, default=1.0)
     p.add_argument("--key-digit", type=int, default=9)
+    pair = lambda text: tuple(int(v) for v in text.split(","))  # noqa: E731
+    p.add_argument("--digits", type=pair, default=(5, 9), help="digits per slide: MIN,MAX")
+    p.add_argument(
+        "--key-count", type=pair, default=(1, 3), help="key digits per positive: MIN,MAX"
+    )
+    p.add_argument("--min-tissue", type=float, default=0.5, help="tissue share of a slide's crop")
+    p.add_argument("--cohort-seed", type=int, default=None, help="the cohort's seed [--seed]")
     p.add_argument("--encoder", default="efficientnet_lite0")
     p.add_argument("--pooling", default="gated_attention", help="MIL pooling of both arms")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="embed and train on")
