@@ -2,8 +2,8 @@
 
 A bag is 8-12 tiles of 32 px cut from the real H&E background (>= 90 % tissue), each with one
 MNIST digit stained in as the shape cohort does (``wsimil.synth.digits``); a positive bag holds
-1-3 nines. ``--tissue-tiles K`` adds K digit-free tissue tiles to every bag. The last 100 bags
-are the test set; the others train ``wsimil.fit.fit`` (``instance_encoder="cnn"``, no
+1-3 nines. ``--tissue-tiles K`` adds K digit-free tissue tiles to every bag. The last
+``--test-bags`` bags are the test set; the others train ``wsimil.fit.fit`` (``instance_encoder="cnn"``, no
 augmentation, no validation split: the test bags' loss is shown per epoch, never used). Prints
 the losses per epoch and the test AUC.
 
@@ -32,7 +32,8 @@ DATA = ROOT.parent / "shared" / "data"
 
 def main(argv=None) -> float:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--bags", type=int, default=200, help="bags in all (the last 100 test)")
+    p.add_argument("--bags", type=int, default=200, help="bags in all")
+    p.add_argument("--test-bags", type=int, default=100, help="the last bags, held out")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--tissue-tiles", type=int, default=0)
     p.add_argument("--lr", type=float, default=5e-4)
@@ -67,7 +68,7 @@ def main(argv=None) -> float:
         k = int(rng.integers(1, 4)) if pos else 0
         digits = [9] * k + list(rng.choice(9, n - k)) + [None] * args.tissue_tiles  # 0-8
         bags.append(Bag(f"b{b}", np.stack([tile(d) for d in digits]), pos, f"b{b}"))
-    train, test = bags[:-100], bags[-100:]
+    train, test = bags[: -args.test_bags], bags[-args.test_bags :]
     cfg = TrainConfig(instance_encoder="cnn", augment=False, lr=args.lr, epochs=args.epochs,
                       patience=10_000, val_fraction=0, device="cpu")  # fmt: skip
     t0 = time.perf_counter()
