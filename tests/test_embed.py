@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import tifffile
+from slide_damage import corrupt_one_tissue_tile
 
 from wsimil.config import EmbedConfig, TileConfig
 from wsimil.embed import SlideJob, read_tiles, row_runs, run_embed
@@ -101,19 +101,6 @@ def test_features_do_not_depend_on_batch_size_or_reader(cohort, tmp_path):
     np.testing.assert_allclose(results["b1"], results["b64"], rtol=2e-2, atol=2e-2)
 
 
-def _corrupt_one_tissue_tile(slide_path: Path, coords: np.ndarray) -> None:
-    """Overwrite the stored JPEG tile under the first kept tile with zeros."""
-    with tifffile.TiffFile(slide_path) as t:
-        page = t.pages[0]
-        per_row = -(-page.imagewidth // page.tilewidth)
-        x, y = coords[len(coords) // 2]
-        idx = (y // page.tilelength) * per_row + x // page.tilewidth
-        offset, count = page.dataoffsets[idx], page.databytecounts[idx]
-    with open(slide_path, "r+b") as fh:
-        fh.seek(offset)
-        fh.write(b"\0" * count)
-
-
 def test_corrupt_tile_fails_that_slide_only_and_leaves_no_store(tmp_path):
     run = tmp_path
     (run / "slides").mkdir()
@@ -126,7 +113,7 @@ def test_corrupt_tile_fails_that_slide_only_and_leaves_no_store(tmp_path):
     ).to_csv(run / "manifest.csv", index=False)
     df = read_manifest(run / "manifest.csv")
     run_tile(df, run, TILE)
-    _corrupt_one_tissue_tile(
+    corrupt_one_tissue_tile(
         run / "slides" / "s0.tiff", open_store(run / "tiles" / "s0.zarr")["coords"][...]
     )
     res = run_embed(

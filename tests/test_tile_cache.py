@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import tifffile
 import zarr
 from click.testing import CliRunner
+from slide_damage import corrupt_one_tissue_tile
 
 from wsimil import tile_cache
 from wsimil.cli import main
@@ -178,24 +178,11 @@ def test_tiles_are_written_batch_by_batch(cohort, tmp_path):
     np.testing.assert_array_equal(tiles[...], open_cache(layout, PX, sid)[...])
 
 
-def _corrupt_one_tissue_tile(slide_path: Path, coords: np.ndarray) -> None:
-    """Overwrite the stored JPEG tile under a kept tile with zeros."""
-    with tifffile.TiffFile(slide_path) as t:
-        page = t.pages[0]
-        per_row = -(-page.imagewidth // page.tilewidth)
-        x, y = coords[len(coords) // 2]
-        idx = (y // page.tilelength) * per_row + x // page.tilewidth
-        offset, count = page.dataoffsets[idx], page.databytecounts[idx]
-    with open(slide_path, "r+b") as fh:
-        fh.seek(offset)
-        fh.write(b"\0" * count)
-
-
 def test_a_bad_slide_gets_one_line_and_leaves_nothing(cohort, tmp_path):
     src, df = cohort
     run = _copy_run(src, tmp_path / "run")
     bad = shutil.copy(df.path[0], tmp_path / "bad.tiff")
-    _corrupt_one_tissue_tile(Path(bad), _tiles(run, df.slide_id[0])[1])
+    corrupt_one_tissue_tile(Path(bad), _tiles(run, df.slide_id[0])[1])
     rows = {"slide_id": [df.slide_id[0], df.slide_id[1], "untiled"],
             "path": [bad, df.path[1], df.path[1]], "label": [0, 1, 1]}  # fmt: skip
     pd.DataFrame(rows).to_csv(run / "manifest.csv", index=False)
