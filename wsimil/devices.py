@@ -40,8 +40,13 @@ def loader_workers(setting: int | None, device: str) -> int:
     if setting is not None:
         return setting
     if device == "cuda":
-        return max(1, min(usable_cpus() - 1, 16))
+        return spare_cpus()
     return 2
+
+
+def spare_cpus(cap: int = 16) -> int:
+    """Every usable CPU but one (the process that drives the work), at least 1, at most ``cap``."""
+    return max(1, min(usable_cpus() - 1, cap))
 
 
 SMALL_BAG = 1_000_000  # feature values per bag below which one thread is fastest

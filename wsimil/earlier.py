@@ -8,7 +8,7 @@ review page then give the real cause ("`wsimil tile` failed for it: <its error>"
 from __future__ import annotations
 
 from .layout import RunLayout, StageFolder
-from .store import StatusLog
+from .store import StatusLog, tile_store_coords
 
 ENDED = ("ok", "empty", "error")
 
@@ -62,3 +62,28 @@ def before_heatmap(
     if pixel_px:  # an end-to-end model reads the tile cache
         return EarlierStages([("tile", layout.tiles), ("cache", layout.tile_cache(pixel_px))])
     return EarlierStages([("tile", layout.tiles), ("embed", layout.features(encoder))])
+
+
+class FromTileStore:
+    """What a stage whose input is the slide's tile store (``embed``, ``cache``) shares.
+
+    The stage has ``layout`` and ``earlier`` (:func:`before_embed`).
+    """
+
+    def check(self, row) -> None:
+        from .manifest import mpp_override
+        from .slide import SlideError
+
+        sid = row["slide_id"]
+        if not self.layout.tile_store(sid).is_dir():
+            raise SlideError(self.earlier.missing(sid, "tile store", "wsimil tile"))
+        mpp_override(row)
+
+    def tile_input(self, sid: str):
+        """The slide's tile store attrs and coords; a slide without one is a SlideError line."""
+        from .slide import SlideError
+
+        tiles = tile_store_coords(self.layout, sid)
+        if tiles is None:
+            raise SlideError(self.earlier.missing(sid, "tile store", "wsimil tile"))
+        return tiles

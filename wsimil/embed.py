@@ -12,22 +12,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from .config import EmbedConfig
 from .devices import loader_workers, pick_device
-from .earlier import before_embed
+from .earlier import FromTileStore, before_embed
 from .embed_books import SlideBooks, begin_feature_store
 from .jpeg_tiles import decode_packet, pick_decode
 from .layout import RunLayout
 from .manifest import mpp_override
 from .runner import SlideOutcome, SlideStage, error_outcome, run_slides
-from .slide import SlideError
 from .store import (
     PendingStore,
     config_hash,
-    open_store,
     store_attrs,
     store_status,
 )
@@ -114,7 +111,7 @@ def embed_settings(encoder_attrs: dict, tiles_hash: str) -> dict:
     return {"stage": "embed", "encoder": encoder_attrs, "tiles_config_hash": tiles_hash}
 
 
-class EmbedStage(SlideStage):
+class EmbedStage(FromTileStore, SlideStage):
     """``wsimil embed`` for :func:`wsimil.runner.run_slides`: windows of slides through one loader."""
 
     name = "embed"
@@ -144,24 +141,15 @@ class EmbedStage(SlideStage):
         state = store_status(self.outputs(row)[0], self._hash(tattrs))
         return state, ({"n_tiles": int(tattrs["n_tiles"])} if state == "complete" else {})
 
-    def check(self, row) -> None:
-        sid = row["slide_id"]
-        if not self.layout.tile_store(sid).is_dir():
-            raise SlideError(self.earlier.missing(sid, "tile store", "wsimil tile"))
-        mpp_override(row)
-
     def plan(self, row) -> SlideJob:
         sid = row["slide_id"]
-        tstore = self.layout.tile_store(sid)
-        tattrs = store_attrs(tstore)
-        if tattrs is None:
-            raise SlideError(self.earlier.missing(sid, "tile store", "wsimil tile"))
+        tattrs, coords = self.tile_input(sid)
         mpp = mpp_override(row)
         return SlideJob(
             slide_id=sid,
             path=str(row["path"]),
             mpp=mpp,
-            coords=np.asarray(open_store(tstore)["coords"][...], dtype=np.int32),
+            coords=coords,
             read_level=int(tattrs["read_level"]),
             read_px=int(tattrs["read_px"]),
             tile_attrs={**tattrs, "config_hash_embed": self._hash(tattrs)},

@@ -264,3 +264,12 @@ class RowWriter:
         rest = data[n:]
         self._buf = [rest] if len(rest) else []
         self._buffered = len(rest)
+
+
+def tile_store_coords(layout, slide_id: str) -> tuple[dict, np.ndarray] | None:
+    """A slide's tile store attrs and (N, 2) int32 coords, or None when it has no tile store."""
+    tstore = layout.tile_store(slide_id)
+    tattrs = store_attrs(tstore)
+    if tattrs is None:
+        return None
+    return tattrs, np.asarray(open_store(tstore)["coords"][...], dtype=np.int32)

@@ -29,8 +29,8 @@ import pandas as pd
 
 from . import __version__
 from .config import CacheConfig
-from .devices import usable_cpus
-from .earlier import before_embed
+from .devices import spare_cpus
+from .earlier import FromTileStore, before_embed
 from .layout import RunLayout, check_px
 from .manifest import mpp_override
 from .runner import SlideOutcome, SlideStage, run_slides
@@ -42,6 +42,7 @@ from .store import (
     fast_compressors,
     open_store,
     store_attrs,
+    tile_store_coords,
     write_array,
 )
 from .tile_reader import SlideJob, TileBatches, can_group_reads, pick_reader
@@ -96,19 +97,10 @@ def cache_attrs(row: dict, px: int, tile_attrs: dict, coords: np.ndarray) -> dic
 
 def auto_workers(setting: int) -> int:
     """Reader processes: ``setting``, or (0) every usable CPU but the writer's, up to 16."""
-    return setting if setting > 0 else max(1, min(usable_cpus() - 1, 16))
+    return setting if setting > 0 else spare_cpus()
 
 
-def tile_store_coords(layout: RunLayout, sid: str) -> tuple[dict, np.ndarray] | None:
-    """A slide's tile store attrs and coords, or None when there is no tile store."""
-    tstore = layout.tile_store(sid)
-    tattrs = store_attrs(tstore)
-    if tattrs is None:
-        return None
-    return tattrs, np.asarray(open_store(tstore)["coords"][...], dtype=np.int32)
-
-
-class CacheStage(SlideStage):
+class CacheStage(FromTileStore, SlideStage):
     """``wsimil cache`` for :func:`wsimil.runner.run_slides`: one slide = one cache store."""
 
     name = "cache"
@@ -133,18 +125,9 @@ class CacheStage(SlideStage):
             return "changed", {}
         return "complete", {"n_tiles": int(attrs.get("n_tiles", 0))}
 
-    def check(self, row) -> None:
-        sid = row["slide_id"]
-        if not self.layout.tile_store(sid).is_dir():
-            raise SlideError(self.earlier.missing(sid, "tile store", "wsimil tile"))
-        mpp_override(row)
-
     def plan(self, row) -> SlideJob:
         sid, path = row["slide_id"], str(row["path"])
-        tiles = tile_store_coords(self.layout, sid)
-        if tiles is None:
-            raise SlideError(self.earlier.missing(sid, "tile store", "wsimil tile"))
-        tattrs, coords = tiles
+        tattrs, coords = self.tile_input(sid)
         mpp = mpp_override(row)
         return SlideJob(
             slide_id=sid,
