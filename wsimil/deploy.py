@@ -244,40 +244,30 @@ def training_features(layout, encoder: str, slide_ids: list[str]) -> dict | None
     ValueError
         Slides whose features were made with other encoder or tile settings (named).
     """
-    from .store import store_attrs
-
-    sig, first = None, None
-    for sid in slide_ids:
-        this = feature_signature(store_attrs(layout.feature_store(encoder, sid)) or {})
-        if sig is None:
-            sig, first = this, sid
-        elif this != sig:
-            raise ValueError(
-                f"features of {sid} and {first} were made with other encoder or tile settings; "
-                f"re-embed the cohort with one setting before training"
-            )
-    return sig
-
-
-def cache_signature(tile_attrs: dict, px: int) -> dict:
-    """What an end-to-end model's input is: tiles of the tile grid, cached at ``px`` pixels."""
-    return {"encoder": {"name": "pixels", "px": int(px)},
-            "tiles": {k: tile_attrs.get(k) for k in TILE_KEYS}}  # fmt: skip
+    return _one_signature({sid: layout.feature_store(encoder, sid) for sid in slide_ids},
+                          "features", "other encoder or tile settings; re-embed")  # fmt: skip
 
 
 def training_pixels(layout, px: int, slide_ids: list[str]) -> dict | None:
-    """:func:`cache_signature` of the slides' tile caches, the same for all (else ValueError)."""
+    """The same for an end-to-end model: its tile caches' signature
+    (``{"encoder": {"name": "pixels", "px": px}, "tiles": ...}``), the same for all slides."""
+    return _one_signature({sid: layout.tile_cache_store(px, sid) for sid in slide_ids},
+                          "tiles", "other tile settings; re-tile")  # fmt: skip
+
+
+def _one_signature(stores: dict, what: str, fix: str) -> dict | None:
+    """:func:`feature_signature` of every store (slide id -> path), or ValueError naming two that differ."""
     from .store import store_attrs
 
     sig, first = None, None
-    for sid in slide_ids:
-        this = cache_signature((store_attrs(layout.tile_store(sid)) or {}), px)
+    for sid, path in stores.items():
+        this = feature_signature(store_attrs(path) or {})
         if sig is None:
             sig, first = this, sid
         elif this != sig:
             raise ValueError(
-                f"tiles of {sid} and {first} were made with other tile settings; "
-                "re-tile the cohort with one setting before training"
+                f"{what} of {sid} and {first} were made with {fix} the cohort with one setting "
+                "before training"
             )
     return sig
 

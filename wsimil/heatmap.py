@@ -204,9 +204,11 @@ class HeatmapStage(SlideStage):
         attrs = store_attrs(store)
         if attrs is None:
             raise self._no_features(sid)
-        if self.pixel_px:  # the current tiles, and a cache made from them
-            attrs = self._current_cache(sid, attrs)
+        if self.pixel_px:  # today's tiles, not the cache's record of them
+            attrs = {**attrs, "tiles": store_attrs(self.layout.tile_store(sid)) or {}}
         check_features(self.predictor, attrs, sid)  # encoder weights, input, tile geometry
+        if self.pixel_px:
+            self._check_cache(sid, attrs["tiles"])
         name = attrs["encoder"]["name"]
         if name != self.encoder:
             raise SlideError(
@@ -224,17 +226,14 @@ class HeatmapStage(SlideStage):
             )
         return {"row": row, "attrs": attrs, "store": store}
 
-    def _current_cache(self, sid: str, attrs: dict) -> dict:
-        """A tile cache's attrs with the tile store's (today's tiles); refuses a stale cache."""
+    def _check_cache(self, sid: str, tile_attrs: dict) -> None:
+        """Refuse a tile cache made from other tiles than today's (one SlideError line)."""
         from .tile_cache import open_cache
 
-        tiles = store_attrs(self.layout.tile_store(sid)) or {}
-        check_features(self.predictor, {**attrs, "tiles": tiles}, sid)
         try:
-            open_cache(self.layout, self.pixel_px, sid, tile_store_attrs=tiles)
+            open_cache(self.layout, self.pixel_px, sid, tile_store_attrs=tile_attrs)
         except (ValueError, FileNotFoundError) as exc:
             raise SlideError(str(exc)) from exc
-        return attrs
 
     def run_one(self, job) -> SlideOutcome:
         row, attrs = job["row"], job["attrs"]

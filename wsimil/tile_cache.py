@@ -88,7 +88,7 @@ def cache_attrs(row: dict, px: int, tile_attrs: dict, coords: np.ndarray) -> dic
         "coords_sha256": sha,
         "tile_config_hash": tile_attrs.get("config_hash"),
         "tiles": {k: tile_attrs[k] for k in sorted(tile_attrs)},
-        # what an end-to-end model reads, in the feature stores' terms (deploy.cache_signature)
+        # what an end-to-end model reads, in the feature stores' terms (deploy.feature_signature)
         "encoder": {"name": "pixels", "px": px},
         "config_hash": config_hash(cache_settings(px, tile_attrs, sha)),
         "wsimil_version": __version__,
