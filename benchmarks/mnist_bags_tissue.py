@@ -14,17 +14,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from shape_holdout import holdout_auc  # noqa: E402
+
 from wsimil.bags import Bag  # noqa: E402
 from wsimil.config import TrainConfig  # noqa: E402
-from wsimil.fit import fit, predict_bags  # noqa: E402
 from wsimil.synth import digits as D  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -40,8 +40,6 @@ def main(argv=None) -> float:
     p.add_argument("--background", type=Path, default=DATA / "slides" / "cmu_small_region.svs")
     p.add_argument("--mnist", type=Path, default=DATA / "mnist" / "mnist10k.npz")
     args = p.parse_args(argv)
-    from sklearn.metrics import roc_auc_score
-
     bg = D.load_background(args.background, mpp=1.0)
     tissue = D.tissue_pixels(bg)
     mnist = np.load(args.mnist)
@@ -71,14 +69,7 @@ def main(argv=None) -> float:
     train, test = bags[: -args.test_bags], bags[-args.test_bags :]
     cfg = TrainConfig(instance_encoder="cnn", augment=False, lr=args.lr, epochs=args.epochs,
                       patience=10_000, val_fraction=0, device="cpu")  # fmt: skip
-    t0 = time.perf_counter()
-    model, _, history, _ = fit(train, test, cfg, seed=0)
-    print(history[["epoch", "train_loss", "val_loss", "seconds"]].to_string())
-    probs, _ = predict_bags(model, [torch.from_numpy(b.features) for b in test])
-    auc = roc_auc_score([b.label for b in test], probs[:, 1])
-    print(f"{len(train)} training bags, {args.tissue_tiles} tissue tiles a bag: test AUC "
-          f"{auc:.3f} ({time.perf_counter() - t0:.0f} s)")  # fmt: skip
-    return auc
+    return holdout_auc(train, test, cfg, what=f"test bags ({args.tissue_tiles} tissue tiles a bag)")
 
 
 if __name__ == "__main__":

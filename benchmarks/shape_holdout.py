@@ -54,8 +54,6 @@ def main(argv=None) -> float:
     p.add_argument("--bag-norm", action="store_true")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
-    from sklearn.metrics import roc_auc_score
-
     if args.bag_norm:
         build = fit_module.build_model
 
@@ -75,12 +73,20 @@ def main(argv=None) -> float:
                       epochs=args.epochs, patience=args.epochs, val_fraction=0,
                       weight_decay=args.weight_decay, dropout=args.dropout, device=args.device,
                       threads=args.threads)  # fmt: skip
+    return holdout_auc(train, test, cfg, what="held-out slides")
+
+
+def holdout_auc(train: list, test: list, cfg: TrainConfig, *, what: str) -> float:
+    """Train on ``train`` (``test`` watched as the validation set, never used to pick the epoch),
+    print the losses per epoch, and return the test bags' ROC AUC."""
+    from sklearn.metrics import roc_auc_score
+
     t0 = time.perf_counter()
     model, _, history, _ = fit_module.fit(train, test, cfg, seed=0)
-    print(history.to_string())
+    print(history[["epoch", "train_loss", "val_loss", "seconds"]].to_string())
     probs, _ = fit_module.predict_bags(model, [torch.from_numpy(b.features) for b in test])
     auc = roc_auc_score([b.label for b in test], probs[:, 1])
-    print(f"{len(train)} train / {len(test)} held-out slides: AUC {auc:.3f} "
+    print(f"{len(train)} training bags / {len(test)} {what}: AUC {auc:.3f} "
           f"({time.perf_counter() - t0:.0f} s)")  # fmt: skip
     return auc
 
