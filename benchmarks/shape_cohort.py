@@ -73,6 +73,7 @@ def make_cohort(args, run: Path) -> float:
     kw = dict(n_slides=args.slides, key_digit=args.key_digit, background=args.background,
               mnist=args.mnist, side_px=args.side_px, mpp=args.mpp, tile_px=args.tile_px,
               n_digits=args.digits, n_key=args.key_count, min_tissue=args.min_tissue,
+              strength=args.strength,
               seed=args.seed if args.cohort_seed is None else args.cohort_seed)  # fmt: skip
     saved = run / "cohort.json"
 
@@ -283,11 +284,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mpp", type=float, default=1.0)
     p.add_argument("--key-digit", type=int, default=9)
     pair = lambda text: tuple(int(v) for v in text.split(","))  # noqa: E731
+    float_pair = lambda text: tuple(float(v) for v in text.split(","))  # noqa: E731
     p.add_argument("--digits", type=pair, default=(5, 9), help="digits per slide: MIN,MAX")
     p.add_argument(
         "--key-count", type=pair, default=(1, 3), help="key digits per positive: MIN,MAX"
     )
     p.add_argument("--min-tissue", type=float, default=0.5, help="tissue share of a slide's crop")
+    p.add_argument(
+        "--strength",
+        type=float_pair,
+        default=(1.2, 1.6),
+        help="digit stain strength range LOW,HIGH (higher: darker shapes)",
+    )
     p.add_argument("--cohort-seed", type=int, default=None, help="the cohort's seed [--seed]")
     p.add_argument("--encoder", default="efficientnet_lite0")
     p.add_argument("--pooling", default="gated_attention", help="MIL pooling of both arms")

@@ -90,6 +90,20 @@ def test_digits_are_stained_darker_and_purple_not_pasted(tmp_path):
     assert (inside[:, 2] > inside[:, 1]).all()  # blue above green: haematoxylin purple
 
 
+def test_stronger_stain_draws_darker_digits_and_a_bad_range_is_refused(tmp_path):
+    ink = np.zeros((28, 28))
+    ink[4:24, 12:16] = 1.0
+    means = []
+    for strength in ((1.2, 1.6), (2.2, 2.8)):
+        rgb = np.full((64, 64, 3), (230, 170, 200), np.uint8)
+        ((x0, y0, x1, y1),) = draw_digits(rgb, [ink], np.random.default_rng(0), tile_px=T,
+                                          strength=strength)  # fmt: skip
+        means.append(rgb[y0:y1, x0:x1].mean())
+    assert means[1] < means[0] - 20  # the 2.2-2.8 digit is clearly darker
+    with pytest.raises(ValueError, match="stain strength"):
+        make_shape_cohort(tmp_path / "c", n_slides=2, mnist=_mnist(tmp_path), strength=(2.0, 1.0))
+
+
 def test_the_digit_plan_uses_disjoint_instances_and_equal_counts():
     labels = np.repeat(np.arange(10), 50)
     plan = plan_digits(

@@ -140,8 +140,11 @@ def digit_ink(image: np.ndarray, digit_px: int) -> np.ndarray:
 
 def draw_digits(
     rgb: np.ndarray, inks: list[np.ndarray], rng: np.random.Generator, *, tile_px: int,
+    strength: tuple[float, float] = STRENGTH,
 ) -> list[tuple[int, int, int, int]]:  # fmt: skip
     """Stain the digits into ``rgb`` (in place), each inside its own tissue cell of the grid.
+
+    Each digit's stain strength ``s`` is drawn from U(``strength``).
 
     Returns
     -------
@@ -166,7 +169,7 @@ def draw_digits(
         cy, cx = divmod(int(cell), frac.shape[1])
         x = cx * tile_px + int(rng.integers(tile_px - d + 1))
         y = cy * tile_px + int(rng.integers(tile_px - d + 1))
-        s = rng.uniform(*STRENGTH)
+        s = rng.uniform(*strength)
         rgb[y : y + d, x : x + d] = stain_digit(rgb[y : y + d, x : x + d], ink, s)
         rows, cols = np.nonzero(ink >= INK_LEVEL)
         boxes.append((x + int(cols.min()), y + int(rows.min()),
@@ -216,12 +219,12 @@ def plan_digits(
     return plan
 
 
-def _slide_pixels(source, side_px, inks, rng, *, tile_px, min_tissue, tries=50):
+def _slide_pixels(source, side_px, inks, rng, *, tile_px, min_tissue, strength, tries=50):
     """A background crop with the digits drawn in; a crop with too few tissue cells is redrawn."""
     for _ in range(tries):
         rgb = random_crop(source, side_px, rng, min_tissue=min_tissue)
         try:
-            return rgb, draw_digits(rgb, inks, rng, tile_px=tile_px)
+            return rgb, draw_digits(rgb, inks, rng, tile_px=tile_px, strength=strength)
         except ValueError as e:
             if "tissue cells" not in str(e):
                 raise
@@ -249,7 +252,8 @@ def make_shape_cohort(
     out_dir: str | Path, *, n_slides: int = 80, key_digit: int = 9, positive_fraction: float = 0.5,
     background: str | Path | None = None, mnist: str | Path, side_px: int = 512,
     mpp: float = 1.0, tile_px: int = 32, digit_px: int = 28, n_digits: tuple[int, int] = (5, 9),
-    n_key: tuple[int, int] = (1, 3), min_tissue: float = 0.5, seed: int = 0,
+    n_key: tuple[int, int] = (1, 3), min_tissue: float = 0.5,
+    strength: tuple[float, float] = STRENGTH, seed: int = 0,
 ) -> Path:  # fmt: skip
     """Write a shape cohort (see the module notes): slides, ``manifest.csv``, ``boxes.csv``.
 
@@ -279,6 +283,9 @@ def make_shape_cohort(
         Inclusive ranges: digits per slide, and key digits among them on a positive slide.
     min_tissue : float
         Least tissue fraction of a background crop.
+    strength : (float, float)
+        Range of a digit's stain strength ``s`` (the ink's haematoxylin optical density is
+        ``s`` times the unit vector): higher is darker, a more visible shape.
     seed : int
         Everything is a deterministic function of the seed and these settings.
 
@@ -290,6 +297,8 @@ def make_shape_cohort(
     out_dir = Path(out_dir)
     if n_slides < 1 or not 0 <= positive_fraction <= 1:
         raise ValueError("need n_slides >= 1 and 0 <= positive_fraction <= 1")
+    if not 0 < strength[0] <= strength[1]:
+        raise ValueError(f"stain strength range {strength}: need 0 < low <= high")
     with np.load(mnist) as z:
         images, labels = z["images"], np.asarray(z["labels"]).astype(np.int64)
     slide_labels = _cohort_labels(int(n_slides), positive_fraction, seed)
@@ -306,7 +315,7 @@ def make_shape_cohort(
         rng = np.random.default_rng([int(seed) & 0xFFFFFFFFFFFFFFFF, 0xD162, i])
         inks = [digit_ink(images[j], int(digit_px)) for j, _ in digits]
         rgb, drawn = _slide_pixels(source, int(side_px), inks, rng, tile_px=int(tile_px),
-                                   min_tissue=min_tissue)  # fmt: skip
+                                   min_tissue=min_tissue, strength=strength)  # fmt: skip
         for (j, c), b in zip(digits, drawn, strict=True):
             row = (sid, c, int(c == key_digit), *b, j)
             boxes.append(dict(zip(BOX_COLUMNS, row, strict=True)))
@@ -318,6 +327,7 @@ def make_shape_cohort(
     settings = dict(n_slides=int(n_slides), key_digit=int(key_digit), positive_fraction=positive_fraction,
                     background=None if background is None else str(background), mnist=str(mnist),
                     side_px=int(side_px), mpp=mpp, tile_px=int(tile_px), digit_px=int(digit_px),
-                    n_digits=list(n_digits), n_key=list(n_key), min_tissue=min_tissue, seed=seed)  # fmt: skip
+                    n_digits=list(n_digits), n_key=list(n_key), min_tissue=min_tissue,
+                    strength=[float(v) for v in strength], seed=seed)  # fmt: skip
     (out_dir / "cohort.json").write_text(json.dumps(settings, indent=2) + "\n")
     return _write_tables(out_dir, rows, boxes)
