@@ -222,3 +222,38 @@ def test_workflow_rejects_missing_manifest(tmp_path):
     )  # fmt: skip
     assert proc.returncode != 0
     assert "manifest not found" in proc.stdout + proc.stderr
+
+
+def test_workflow_trains_end_to_end_on_tile_caches(workflow_run, tmp_path):
+    """instance_encoder=cnn: per-slide cache jobs instead of embed, train on the caches, heatmaps."""
+    import pandas as pd
+
+    w = workflow_run
+    assert w.get("rc", 0) == 0, w["log"][-3000:] + w.get("pod_logs", "")
+    ids = [f"synth_{i:03d}" for i in range(4)]
+    run = tmp_path / "run"
+    top = str(w["run"])
+    shutil.copytree(w["run"], run, ignore=lambda d, names: {"slides", "truth"} if d == top else ())
+    e2e = [f"manifest={w['cohort'] / 'manifest.csv'}", "instance_encoder=cnn", "cache_px=32",
+           "model_name=e2e"]  # fmt: skip
+    log = _snakemake(run, tmp_path, *e2e, "-p")
+    assert _job_counts(log) == {"cache": 4, "train": 1, "heatmap": 4, "report": 1, "all": 1}
+    assert re.search(r'wsimil train "\$run" .*--instance-encoder cnn --cache-px 32', log)
+    for sid in ids:
+        assert (run / "tile_cache" / "32px" / f"{sid}.zarr" / "zarr.json").is_file()
+    card = json.loads((run / "models" / "e2e" / "card.json").read_text())
+    assert card["features"]["encoder"] == {"name": "pixels", "px": 32}
+    pred = pd.read_csv(run / "heatmaps" / "e2e" / "predictions.csv")
+    assert sorted(pred.slide_id) == ids and pred.probability.between(0, 1).all()
+    assert "Nothing to be done" in _snakemake(run, tmp_path, *e2e, "--dry-run")
+
+
+def test_workflow_refuses_a_bad_end_to_end_setting(tmp_path):
+    for bad, says in (("instance_encoder=lenet", "instance_encoder 'lenet'"),
+                      ("instance_encoder=cnn", "cache_px")):  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--cores", "1", "-n",
+             "--directory", str(tmp_path), "--config", f"run_dir={tmp_path}", bad],
+            capture_output=True, text=True, cwd=tmp_path,
+        )  # fmt: skip
+        assert proc.returncode != 0 and says in proc.stdout + proc.stderr, bad
