@@ -215,10 +215,10 @@ def localisation(run: Path, model_dir: Path, input_of: Callable, boxes: pd.DataF
     import torch
 
     from wsimil.checkpoint import load_checkpoint
-    from wsimil.localise import localisation_auc, mean_slide_localisation_auc
+    from wsimil.localise import key_vs_other_auc, localisation_auc, mean_slide_localisation_auc
 
-    keys = boxes[boxes["is_key"] == 1]
-    scores, tiles, key_boxes = [], [], []
+    keys, others = boxes[boxes["is_key"] == 1], boxes[boxes["is_key"] == 0]
+    scores, tiles, key_boxes, other_boxes = [], [], [], []
     for d in fold_dirs(model_dir):
         model, std, meta = load_checkpoint(d)
         for sid in sorted(s for s, part in meta["split"].items() if part == "test"):
@@ -233,8 +233,12 @@ def localisation(run: Path, model_dir: Path, input_of: Callable, boxes: pd.DataF
             scores.append((a - a.min()) / max(a.max() - a.min(), 1e-12))
             tiles.append(tile_boxes(run, sid))
             key_boxes.append(k)
+            other_boxes.append(
+                others.loc[others["slide_id"] == sid, ["x0", "y0", "x1", "y1"]].to_numpy()
+            )
     return {"loc_auc": localisation_auc(scores, tiles, key_boxes) if scores else float("nan"),
             "loc_auc_slide_mean": mean_slide_localisation_auc(scores, tiles, key_boxes),
+            "loc_auc_key_vs_digits": key_vs_other_auc(scores, tiles, key_boxes, other_boxes),
             "loc_slides": len(scores)}  # fmt: skip
 
 
@@ -256,16 +260,17 @@ def evaluate_arm(run: Path, name: str, input_of: Callable, boxes: pd.DataFrame) 
 # the table and the command
 def table(results: dict) -> str:
     """The results as a markdown table."""
-    lines = ["| arm | slide AUC | 95 % interval | localisation AUC (pooled) | per-slide mean | s / epoch | train s | embed / cache s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    lines = ["| arm | slide AUC | 95 % interval | localisation AUC (pooled) | per-slide mean | 9s vs other digits | s / epoch | train s | embed / cache s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for arm, r in results["arms"].items():
         if "slide_auc" not in r:
-            lines.append(f"| {arm} | {r.get('status', 'to be run')} | | | | | | |")
+            lines.append(f"| {arm} | {r.get('status', 'to be run')} | | | | | | | |")
             continue
         lo, hi = r["slide_auc_ci"]
         lines.append(
             f"| {arm} | {r['slide_auc']:.3f} | {lo:.3f}-{hi:.3f} | {r['loc_auc']:.3f} | "
-            f"{r['loc_auc_slide_mean']:.3f} | {r['s_per_epoch']:.2f} | {r.get('train_s', '')} | "
+            f"{r['loc_auc_slide_mean']:.3f} | {r.get('loc_auc_key_vs_digits', float('nan')):.3f} | "
+            f"{r['s_per_epoch']:.2f} | {r.get('train_s', '')} | "
             f"{r.get('embed_s', r.get('cache_s', ''))} |"
         )
     return "\n".join(lines)

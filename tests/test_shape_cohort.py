@@ -8,7 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from wsimil.localise import localisation_auc, mean_slide_localisation_auc, tile_truth
+from wsimil.localise import (
+    key_vs_other_auc,
+    localisation_auc,
+    mean_slide_localisation_auc,
+    tile_truth,
+)
 from wsimil.synth.digits import draw_digits, make_shape_cohort, plan_digits
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,6 +148,20 @@ def test_pooled_and_per_slide_localisation_auc():
     assert pooled == pytest.approx((4 + 3) / 8)
     with pytest.raises(ValueError):
         localisation_auc([0.1, 0.2], tiles, key)
+
+
+def test_key_vs_other_auc_leaves_background_tiles_out():
+    tiles = np.array([[0, 0, 10, 10], [10, 0, 20, 10], [20, 0, 30, 10], [30, 0, 40, 10]])
+    key, other = np.array([[1, 1, 9, 9]]), np.array([[11, 1, 19, 9]])
+    # attention on both digits above the background, the distractor highest: any-object
+    # localisation looks fine, the key-against-other-digits question does not
+    s = [0.8, 0.9, 0.1, 0.0]
+    assert localisation_auc(s, tiles, key) == pytest.approx(2 / 3)
+    assert key_vs_other_auc([s], [tiles], [key], [other]) == pytest.approx(0.0)
+    assert key_vs_other_auc([[0.9, 0.8, 0.1, 0.0]], [tiles], [key], [other]) == pytest.approx(1.0)
+    assert np.isnan(key_vs_other_auc([s], [tiles], [key], [np.zeros((0, 4))]))
+    with pytest.raises(ValueError):
+        key_vs_other_auc([[0.1]], [tiles], [key], [other])
 
 
 @pytest.mark.slow
