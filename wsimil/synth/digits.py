@@ -248,6 +248,14 @@ def _write_tables(out_dir: Path, rows: list[dict], boxes: list[dict]) -> Path:
     return out_dir / "manifest.csv"
 
 
+def _check_settings(n_slides: int, positive_fraction: float, strength) -> None:
+    """Refuse a cohort that cannot be made, in one line naming the setting."""
+    if n_slides < 1 or not 0 <= positive_fraction <= 1:
+        raise ValueError("need n_slides >= 1 and 0 <= positive_fraction <= 1")
+    if not 0 < strength[0] <= strength[1]:
+        raise ValueError(f"stain strength range {strength}: need 0 < low <= high")
+
+
 def make_shape_cohort(
     out_dir: str | Path, *, n_slides: int = 80, key_digit: int = 9, positive_fraction: float = 0.5,
     background: str | Path | None = None, mnist: str | Path, side_px: int = 512,
@@ -295,10 +303,7 @@ def make_shape_cohort(
         The manifest (paths relative to ``out_dir``).
     """
     out_dir = Path(out_dir)
-    if n_slides < 1 or not 0 <= positive_fraction <= 1:
-        raise ValueError("need n_slides >= 1 and 0 <= positive_fraction <= 1")
-    if not 0 < strength[0] <= strength[1]:
-        raise ValueError(f"stain strength range {strength}: need 0 < low <= high")
+    _check_settings(n_slides, positive_fraction, strength)
     with np.load(mnist) as z:
         images, labels = z["images"], np.asarray(z["labels"]).astype(np.int64)
     slide_labels = _cohort_labels(int(n_slides), positive_fraction, seed)
