@@ -181,6 +181,28 @@ def test_small_heads_train_on_one_thread_and_the_process_keeps_its_threads():
     assert torch.get_num_threads() == 2  # training on 1 thread left the process's setting alone
 
 
+def test_training_flushes_denormals_and_gives_the_process_its_setting_back(monkeypatch):
+    import wsimil.fit as fit_module
+
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush denormals")
+    seen = []
+    build = fit_module.build_model
+
+    def spy(*args, **kwargs):
+        model = build(*args, **kwargs)
+        model.register_forward_pre_hook(
+            lambda m, x: seen.append(float(torch.tensor([1e-39]) * 1.0))
+        )
+        return model
+
+    monkeypatch.setattr(fit_module, "build_model", spy)
+    small, _ = make_bags(8)
+    fit(small[:6], small[6:], TrainConfig(epochs=1, hidden_dim=8, attention_dim=4))
+    assert seen and set(seen) == {0.0}  # a denormal is zero while training
+    assert float(torch.tensor([1e-39]) * 1.0) > 0  # and representable again afterwards
+
+
 @pytest.mark.skipif(
     torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA"
 )

@@ -142,17 +142,25 @@ def fit(
     ``n_classes`` > 2 trains a softmax head; bag labels are class indices. Bags held in their stores (over-budget cohorts) are cached in
     memory up to ``memory_budget_gb`` and the rest read ahead of each step (:class:`BagTensors`).
 
+    On the CPU, denormal floats are flushed to zero while training: once a model fits its
+    bags, gradients and Adam's second moments fall below 1e-38 and each operation on them
+    costs many cycles (an end-to-end CNN's epochs grew from 17 s to 90 s; 69 against 26 ms per
+    step in isolation). Values that small change no weight that matters.
+
     Returns
     -------
     model, standardiser, history (epoch, train_loss, val_loss, seconds), best_epoch
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(train_threads(cfg, train))
+    flushing = torch.set_flush_denormal(True)  # False where the CPU cannot (nothing changed)
     try:
         return _fit(train, val, cfg, seed=seed, n_classes=n_classes,
                     memory_budget_gb=memory_budget_gb, console=console, encoder=encoder)  # fmt: skip
     finally:
         torch.set_num_threads(threads)  # no change to the rest of the process
+        if flushing:
+            torch.set_flush_denormal(False)
 
 
 def _fit(
