@@ -171,6 +171,14 @@ def test_workflow_without_shared_file_system(workflow_run):
     assert proc.returncode == 0 and planned.get("embed") == 1 and "train" not in planned, planned
 
 
+def _copy_of_run(w: dict, tmp_path: Path) -> Path:
+    """The module's run outputs copied (with their times) into ``tmp_path/run``, without the
+    cohort's own slides when the module's run was local."""
+    run, top = tmp_path / "run", str(w["run"])
+    shutil.copytree(w["run"], run, ignore=lambda d, names: {"slides", "truth"} if d == top else ())
+    return run
+
+
 def test_workflow_runs_locally_reruns_only_what_is_missing_and_predicts(workflow_run, tmp_path):
     """Locally, from the complete outputs of the module's run (copied with their times)."""
     import pandas as pd
@@ -178,9 +186,7 @@ def test_workflow_runs_locally_reruns_only_what_is_missing_and_predicts(workflow
     w = workflow_run
     assert w.get("rc", 0) == 0, w["log"][-3000:] + w.get("pod_logs", "")
     ids = [f"synth_{i:03d}" for i in range(4)]
-    run = tmp_path / "run"
-    top = str(w["run"])  # without the cohort's own slides, when the module's run was local
-    shutil.copytree(w["run"], run, ignore=lambda d, names: {"slides", "truth"} if d == top else ())
+    run = _copy_of_run(w, tmp_path)
     cohort = [f"manifest={w['cohort'] / 'manifest.csv'}"]  # the slides are read in place
     _check_cohort_outputs(run, ids)
     assert "Nothing to be done" in _snakemake(run, tmp_path, *cohort, "--dry-run")
@@ -231,9 +237,7 @@ def test_workflow_trains_end_to_end_on_tile_caches(workflow_run, tmp_path):
     w = workflow_run
     assert w.get("rc", 0) == 0, w["log"][-3000:] + w.get("pod_logs", "")
     ids = [f"synth_{i:03d}" for i in range(4)]
-    run = tmp_path / "run"
-    top = str(w["run"])
-    shutil.copytree(w["run"], run, ignore=lambda d, names: {"slides", "truth"} if d == top else ())
+    run = _copy_of_run(w, tmp_path)
     e2e = [f"manifest={w['cohort'] / 'manifest.csv'}", "instance_encoder=cnn", "cache_px=32",
            "model_name=e2e"]  # fmt: skip
     log = _snakemake(run, tmp_path, *e2e, "-p")

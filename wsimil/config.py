@@ -20,6 +20,10 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+#: instance encoders trained end to end on tile pixels (``wsimil.pixel_models``); light to import
+#: for the workflow, which checks its ``instance_encoder`` setting at parse time
+PIXEL_ENCODERS = ("cnn", "resnet", "finetune")
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")

@@ -85,11 +85,15 @@ def localisation_auc(scores, tile_boxes, key_boxes, *, min_cover: float = 0.5) -
             tile_truth(t, k, min_cover=min_cover)
             for t, k in zip(tile_boxes, key_boxes, strict=True)
         ]
-        y = np.concatenate(truth) if truth else np.zeros(0, np.int8)
-        s = np.concatenate([np.asarray(x, dtype=np.float64).ravel() for x in scores])
-    else:
-        y = tile_truth(tile_boxes, key_boxes, min_cover=min_cover)
-        s = np.asarray(scores, dtype=np.float64).ravel()
+        return _pooled_auc(truth, scores)
+    return _pooled_auc([tile_truth(tile_boxes, key_boxes, min_cover=min_cover)], [scores])
+
+
+def _pooled_auc(truth: list[np.ndarray], scores: list) -> float:
+    """ROC AUC of the slides' scores pooled against their truth (1, 0; -1 tiles left out)."""
+    y = np.concatenate(truth) if truth else np.zeros(0, np.int8)
+    s = (np.concatenate([np.asarray(x, dtype=np.float64).ravel() for x in scores])
+         if len(scores) else np.zeros(0))  # fmt: skip
     if len(s) != len(y):
         raise ValueError(f"{len(s)} scores for {len(y)} tiles")
     keep = y >= 0
@@ -129,17 +133,11 @@ def key_vs_other_auc(
     float
         NaN when there are no positives or no negatives.
     """
-    ys, ss = [], []
-    for s, t, k, o in zip(scores, tile_boxes, key_boxes, other_boxes, strict=True):
+    truth = []
+    for t, k, o in zip(tile_boxes, key_boxes, other_boxes, strict=True):
         key = tile_truth(t, k, min_cover=min_cover)
-        other = tile_truth(t, o, min_cover=min_cover)
         y = np.full(len(key), -1, np.int8)
         y[key == 1] = 1
-        y[(key == 0) & (other == 1)] = 0
-        s = np.asarray(s, dtype=np.float64).ravel()
-        if len(s) != len(y):
-            raise ValueError(f"{len(s)} scores for {len(y)} tiles")
-        ys.append(y)
-        ss.append(s)
-    y, s = (np.concatenate(ys), np.concatenate(ss)) if ys else (np.zeros(0), np.zeros(0))
-    return _auc(y[y >= 0], s[y >= 0])
+        y[(key == 0) & (tile_truth(t, o, min_cover=min_cover) == 1)] = 0
+        truth.append(y)
+    return _pooled_auc(truth, scores)

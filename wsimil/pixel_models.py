@@ -30,7 +30,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-PIXEL_ENCODERS = ("cnn", "resnet", "finetune")
+from .config import PIXEL_ENCODERS  # the names (light, for the workflow); this module builds them
+
+__all__ = ["PIXEL_ENCODERS", "PixelInstances", "augment_he"]
+
 #: tiles per forward chunk at evaluation (bounded memory for big bags)
 EVAL_CHUNK = 256
 _HEAD_NAMES = {"classifier", "fc", "head", "head_drop"}  # a timm model's classifier: never used
