@@ -3,6 +3,7 @@
 import numpy as np
 
 from wsimil.heatmap import minmax, percentile_rank, render_overlay
+from wsimil.overlay import wrap_text
 from wsimil.raster import paint_tiles
 
 
@@ -40,3 +41,29 @@ def test_overlay_blends_only_covered_pixels_and_puts_the_legend_below():
     assert (img[:10, :60] == 200).all()
     assert not (img[15, 15] == 200).all()
     assert (img[30:40, 10:20] == 200).all()
+
+
+def test_wrap_text_breaks_at_spaces_within_the_width():
+    assert wrap_text("a  b", 10, len) == ["a  b"]  # fits: kept, spacing and all
+    assert wrap_text("aaa bb cc ddddd", 5, len) == ["aaa", "bb cc", "ddddd"]
+    assert wrap_text("a bcdefghijkl", 5, len) == ["a", "bcdef", "ghijk", "l"]  # a long id: cut
+    assert wrap_text("", 5, len) == [""]
+
+
+def _overlay(w: int, h: int) -> np.ndarray:
+    thumb = np.full((h, w, 3), 200, np.uint8)
+    return render_overlay(thumb, np.ones((h, w), np.float32), np.ones((h, w), bool),
+                          cmap="autumn_r", alpha=0.7, um_per_px=4.0,
+                          title="slide_with_a_long_identifier  p=0.912  label=1  pred=1",
+                          legend="attention, min-max within the slide")  # fmt: skip
+
+
+def test_a_narrow_overlay_wraps_its_legend_instead_of_cutting_it_off():
+    wide, narrow = _overlay(800, 100), _overlay(160, 100)
+    assert narrow.shape[1] == 160 and wide.shape[1] == 800  # the thumbnail's width, always
+    # wide: everything on one title line and one bar row; narrow: more rows, nothing cut off
+    assert narrow.shape[0] - 100 > wide.shape[0] - 100
+    for img in (wide, narrow):
+        strip = img[100:]
+        assert (strip[:, -3:] == 255).all() and (strip[-3:] == 255).all()
+        assert (strip < 128).any(axis=2).any()  # text and scale bar drawn

@@ -175,39 +175,74 @@ def _draw_boxes(img: np.ndarray, boxes) -> np.ndarray:
     return np.asarray(im)
 
 
+def wrap_text(text: str, width: float, measure) -> list[str]:
+    """``text`` broken at spaces into lines of at most ``width`` (``measure(s)``: a line's width).
+
+    Text that fits is kept as it is (with its spacing); a word wider than ``width`` (a long
+    slide id) is cut between characters, so nothing runs off the image; no line is empty.
+    """
+    if measure(text) <= width:
+        return [text]
+    lines: list[str] = []
+    for word in text.split():
+        if lines and measure(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+            continue
+        lines.append("")
+        for ch in word:
+            if lines[-1] and measure(lines[-1] + ch) > width:
+                lines.append("")
+            lines[-1] += ch
+    return lines or [""]
+
+
 def _legend_strip(img, *, cmap, alpha, title, um_per_px, legend, scale) -> np.ndarray:
     """The image with a white strip below: title, colour bar (as blended over white), scale bar.
 
     Text is sized from the image width (about 1/40 of it, at least 12 px), so it stays legible
-    when the image is shown at thumbnail size.
+    when the image is shown at thumbnail size. The strip keeps the image's width (the overlay
+    sits beside the thumbnail at the same scale), so on a narrow image the title wraps onto
+    more lines and the scale bar moves to a row of its own instead of running into the text.
     """
     from PIL import Image, ImageDraw
 
     h, w = img.shape[:2]
     fs = max(12, w // 40)
+    f = font(fs)
     pad = fs // 2
-    strip = 3 * fs + 4 * pad
+    bar_w = max(16, w // 3)
+    lines = wrap_text(title, w - 2 * pad, f.getlength)
+    keys = wrap_text(legend, w - 3 * pad - bar_w, f.getlength)  # beside the colour bar
+    row = max(2 * fs + pad // 2, len(keys) * (fs + pad // 2)) + pad  # colour bar, low/high
+    bar = None
+    if um_per_px:
+        um = nice_length(um_per_px * w / 4)
+        px = int(round(um / um_per_px))
+        bar_x0 = w - pad - max(px, int(f.getlength(length_text(um))))
+        keys_end = 2 * pad + bar_w + max(f.getlength(k) for k in keys)
+        bar = (um, px, len(keys) > 1 or keys_end + pad > bar_x0)  # last: a row of its own
+    y_bar = h + len(lines) * (fs + pad) + pad
+    strip = y_bar - h + row + pad + (2 * fs + pad if bar and bar[2] else 0)
     canvas = np.full((h + strip, w, 3), 255, np.uint8)
     canvas[:h] = img
-    y_bar = h + fs + 2 * pad
-    bar_w = max(16, w // 3)
     ramp = np.linspace(0, 1, bar_w, dtype=np.float32)[None, :].repeat(fs, 0)
     rgba = overlay_rgba(ramp, np.ones_like(ramp, bool), cmap=cmap, alpha=max(alpha, 0.6),
                         scale=scale)  # fmt: skip
     canvas[y_bar : y_bar + fs, pad : pad + bar_w] = blend(np.full((*ramp.shape, 3), 235), rgba)
     im = Image.fromarray(canvas)
     d = ImageDraw.Draw(im)
-    f = font(fs)
     d.rectangle((pad - 1, y_bar - 1, pad + bar_w, y_bar + fs), outline=(120, 120, 120))
-    d.text((pad, h + pad), title, fill=(0, 0, 0), font=f)
+    for k, line in enumerate(lines):
+        d.text((pad, h + pad + k * (fs + pad)), line, fill=(0, 0, 0), font=f)
     d.text((pad, y_bar + fs + pad // 2), "low", fill=(0, 0, 0), font=f)
     d.text((pad + bar_w, y_bar + fs + pad // 2), "high", fill=(0, 0, 0), font=f, anchor="ra")
-    d.text((2 * pad + bar_w, y_bar), legend, fill=(0, 0, 0), font=f)
-    if um_per_px:
-        um = nice_length(um_per_px * w / 4)
-        px = int(round(um / um_per_px))
-        x1 = w - pad
-        d.rectangle((x1 - px, y_bar + fs // 3, x1, y_bar + fs - fs // 3), fill=(0, 0, 0))
-        d.text((x1 - px // 2, y_bar + fs + pad // 2), length_text(um), fill=(0, 0, 0), font=f,
-               anchor="ma")  # fmt: skip
+    for k, key in enumerate(keys):
+        d.text((2 * pad + bar_w, y_bar + k * (fs + pad // 2)), key, fill=(0, 0, 0), font=f)
+    if bar:
+        um, px, own_row = bar
+        y = y_bar + row if own_row else y_bar
+        x1, text = w - pad, length_text(um)
+        d.rectangle((x1 - px, y + fs // 3, x1, y + fs - fs // 3), fill=(0, 0, 0))
+        x_text = min(x1 - px / 2, x1 - f.getlength(text) / 2)  # centred, inside the image
+        d.text((x_text, y + fs + pad // 2), text, fill=(0, 0, 0), font=f, anchor="ma")
     return np.asarray(im)
