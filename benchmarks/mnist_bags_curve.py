@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mnist_bags_tissue import make_bags  # noqa: E402
+from mnist_bags_tissue import make_bags, strength_range  # noqa: E402
 
 from wsimil.mil import create_mil  # noqa: E402
 
@@ -32,7 +32,8 @@ def main(argv=None) -> list[tuple]:
     p.add_argument("--bags", type=int, default=300, help="bags in all")
     p.add_argument("--test-bags", type=int, default=100, help="the last bags, scored each epoch")
     p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--strength", default="1.2,1.6", help="digit stain strength range LOW,HIGH")
+    p.add_argument("--strength", type=strength_range, default=(1.2, 1.6),
+                   help="digit stain strength range LOW,HIGH")  # fmt: skip
     p.add_argument("--white", action="store_true", help="digits on a plain field, not tissue")
     p.add_argument("--pooling", default="gated_attention")
     p.add_argument("--lr", type=float, default=5e-4)
@@ -43,8 +44,7 @@ def main(argv=None) -> list[tuple]:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    strength = tuple(float(v) for v in args.strength.split(","))
-    bags = make_bags(args.bags, strength=strength, white=args.white, seed=args.seed)
+    bags = make_bags(args.bags, strength=args.strength, white=args.white, seed=args.seed)
     xs = [torch.from_numpy(b.features) for b in bags]
     ys = [int(b.label) for b in bags]
     train = np.arange(args.bags - args.test_bags)

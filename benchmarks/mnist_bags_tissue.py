@@ -32,6 +32,12 @@ from wsimil.synth import digits as D  # noqa: E402
 DATA = ROOT.parent / "shared" / "data"
 
 
+def strength_range(text: str) -> tuple[float, float]:
+    """``--strength LOW,HIGH`` as a pair of floats."""
+    low, high = (float(v) for v in text.split(","))
+    return low, high
+
+
 def make_bags(n_bags: int, *, strength=(1.2, 1.6), tissue_tiles: int = 0, white: bool = False,
               background: Path = DATA / "slides" / "cmu_small_region.svs",
               mnist: Path = DATA / "mnist" / "mnist10k.npz", seed: int = 0) -> list[Bag]:  # fmt: skip
@@ -77,12 +83,12 @@ def main(argv=None) -> float:
     p.add_argument("--test-bags", type=int, default=100, help="the last bags, held out")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--tissue-tiles", type=int, default=0)
-    p.add_argument("--strength", default="1.2,1.6", help="digit stain strength range LOW,HIGH")
+    p.add_argument("--strength", type=strength_range, default=(1.2, 1.6),
+                   help="digit stain strength range LOW,HIGH")  # fmt: skip
     p.add_argument("--white", action="store_true", help="digits on a plain field, not tissue")
     p.add_argument("--lr", type=float, default=5e-4)
     args = p.parse_args(argv)
-    strength = tuple(float(v) for v in args.strength.split(","))
-    bags = make_bags(args.bags, strength=strength, tissue_tiles=args.tissue_tiles,
+    bags = make_bags(args.bags, strength=args.strength, tissue_tiles=args.tissue_tiles,
                      white=args.white)  # fmt: skip
     train, test = bags[: -args.test_bags], bags[-args.test_bags :]
     cfg = TrainConfig(instance_encoder="cnn", augment=False, lr=args.lr, epochs=args.epochs,

@@ -217,12 +217,15 @@ def localisation(run: Path, model_dir: Path, input_of: Callable, boxes: pd.DataF
     from wsimil.checkpoint import load_checkpoint
     from wsimil.localise import key_vs_other_auc, localisation_auc, mean_slide_localisation_auc
 
-    keys, others = boxes[boxes["is_key"] == 1], boxes[boxes["is_key"] == 0]
+    xyxy = ["x0", "y0", "x1", "y1"]
+    by_slide = {sid: (g.loc[g["is_key"] == 1, xyxy].to_numpy(),  # key digits, other digits
+                      g.loc[g["is_key"] == 0, xyxy].to_numpy())
+                for sid, g in boxes.groupby("slide_id")}  # fmt: skip
     scores, tiles, key_boxes, other_boxes = [], [], [], []
     for d in fold_dirs(model_dir):
         model, std, meta = load_checkpoint(d)
         for sid in sorted(s for s, part in meta["split"].items() if part == "test"):
-            k = keys.loc[keys["slide_id"] == sid, ["x0", "y0", "x1", "y1"]].to_numpy()
+            k, other = by_slide.get(sid, (np.zeros((0, 4)), np.zeros((0, 4))))
             if len(k) == 0:
                 continue
             with torch.inference_mode():
@@ -233,9 +236,7 @@ def localisation(run: Path, model_dir: Path, input_of: Callable, boxes: pd.DataF
             scores.append((a - a.min()) / max(a.max() - a.min(), 1e-12))
             tiles.append(tile_boxes(run, sid))
             key_boxes.append(k)
-            other_boxes.append(
-                others.loc[others["slide_id"] == sid, ["x0", "y0", "x1", "y1"]].to_numpy()
-            )
+            other_boxes.append(other)
     return {"loc_auc": localisation_auc(scores, tiles, key_boxes) if scores else float("nan"),
             "loc_auc_slide_mean": mean_slide_localisation_auc(scores, tiles, key_boxes),
             "loc_auc_key_vs_digits": key_vs_other_auc(scores, tiles, key_boxes, other_boxes),

@@ -153,13 +153,14 @@ def fit(
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(train_threads(cfg, train))
+    was_flushing = float(torch.tensor([1e-39]) * 1.0) == 0.0  # torch has no getter
     flushing = torch.set_flush_denormal(True)  # False where the CPU cannot (nothing changed)
     try:
         return _fit(train, val, cfg, seed=seed, n_classes=n_classes,
                     memory_budget_gb=memory_budget_gb, console=console, encoder=encoder)  # fmt: skip
     finally:
         torch.set_num_threads(threads)  # no change to the rest of the process
-        if flushing:
+        if flushing and not was_flushing:
             torch.set_flush_denormal(False)
 
 

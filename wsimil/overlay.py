@@ -214,15 +214,15 @@ def _legend_strip(img, *, cmap, alpha, title, um_per_px, legend, scale) -> np.nd
     lines = wrap_text(title, w - 2 * pad, f.getlength)
     keys = wrap_text(legend, w - 3 * pad - bar_w, f.getlength)  # beside the colour bar
     row = max(2 * fs + pad // 2, len(keys) * (fs + pad // 2)) + pad  # colour bar, low/high
-    bar = None
+    own_row = False  # the scale bar below the colour bar's row, when beside it would collide
     if um_per_px:
         um = nice_length(um_per_px * w / 4)
         px = int(round(um / um_per_px))
         bar_x0 = w - pad - max(px, int(f.getlength(length_text(um))))
         keys_end = 2 * pad + bar_w + max(f.getlength(k) for k in keys)
-        bar = (um, px, len(keys) > 1 or keys_end + pad > bar_x0)  # last: a row of its own
+        own_row = len(keys) > 1 or keys_end + pad > bar_x0
     y_bar = h + len(lines) * (fs + pad) + pad
-    strip = y_bar - h + row + pad + (2 * fs + pad if bar and bar[2] else 0)
+    strip = y_bar - h + row + pad + (2 * fs + pad if own_row else 0)
     canvas = np.full((h + strip, w, 3), 255, np.uint8)
     canvas[:h] = img
     ramp = np.linspace(0, 1, bar_w, dtype=np.float32)[None, :].repeat(fs, 0)
@@ -238,8 +238,7 @@ def _legend_strip(img, *, cmap, alpha, title, um_per_px, legend, scale) -> np.nd
     d.text((pad + bar_w, y_bar + fs + pad // 2), "high", fill=(0, 0, 0), font=f, anchor="ra")
     for k, key in enumerate(keys):
         d.text((2 * pad + bar_w, y_bar + k * (fs + pad // 2)), key, fill=(0, 0, 0), font=f)
-    if bar:
-        um, px, own_row = bar
+    if um_per_px:
         y = y_bar + row if own_row else y_bar
         x1, text = w - pad, length_text(um)
         d.rectangle((x1 - px, y + fs // 3, x1, y + fs - fs // 3), fill=(0, 0, 0))
